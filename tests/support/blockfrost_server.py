@@ -200,7 +200,9 @@ class BlockfrostServer:
         for _ in range(blocks):
             self._time += 20
             prev = self._blocks[self._tip]
-            block = _Block(self._tip + 1, os.urandom(32).hex(), self._time, prev.slot + 20, prev.hash)
+            block = _Block(
+                self._tip + 1, os.urandom(32).hex(), self._time, prev.slot + 20, prev.hash
+            )
             for index, tx_hash in enumerate(self._mempool):
                 tx = self._txs[tx_hash]
                 tx.block_height, tx.index = block.height, index
@@ -253,7 +255,9 @@ class BlockfrostServer:
         token = request.headers.get("project_id")
         if token is None:
             return _error(
-                403, "Forbidden", "Missing project token. Please include project_id in your request."
+                403,
+                "Forbidden",
+                "Missing project token. Please include project_id in your request.",
             )
         if token != self.project_id:
             return _error(403, "Forbidden", "Invalid project token.")
