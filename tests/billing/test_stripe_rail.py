@@ -31,8 +31,8 @@ from tests.support.stripe_server import (  # noqa: F401  (fixtures)
     parse_stripe_form,
     rail_config_for,
     sign_webhook,
-    stripe_rail,
-    stripe_server,
+    stripe_rail_fixture,
+    stripe_server_fixture,
 )
 
 OWNER = "own_3f9c2a"

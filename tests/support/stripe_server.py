@@ -817,12 +817,14 @@ async def running_stripe_server(**kwargs: Any) -> AsyncIterator[StripeServer]:
 
 
 # --------------------------------------------------------------------- pytest fixtures
-# Import them into a test module or conftest:
-#     from tests.support.stripe_server import stripe_rail, stripe_server
+# Import them into a test module or conftest; pytest registers them under the names
+# ``stripe_server`` and ``stripe_rail``. The function names differ so that test
+# parameters named like the fixtures do not shadow an import (ruff F811):
+#     from tests.support.stripe_server import stripe_rail_fixture, stripe_server_fixture
 
 
-@pytest.fixture
-async def stripe_server() -> AsyncIterator[StripeServer]:
+@pytest.fixture(name="stripe_server")
+async def stripe_server_fixture() -> AsyncIterator[StripeServer]:
     """A started local Stripe API, closed after the test."""
     async with running_stripe_server() as server:
         yield server
@@ -844,8 +846,8 @@ def rail_config_for(server: StripeServer, **overrides: Any) -> StripeRailConfig:
     return StripeRailConfig(**values)
 
 
-@pytest.fixture
-async def stripe_rail(stripe_server: StripeServer) -> AsyncIterator[StripeRail]:
+@pytest.fixture(name="stripe_rail")
+async def stripe_rail_fixture(stripe_server: StripeServer) -> AsyncIterator[StripeRail]:
     """A ``StripeRail`` talking to the ``stripe_server`` fixture."""
     rail = StripeRail(rail_config_for(stripe_server))
     try:
