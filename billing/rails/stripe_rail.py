@@ -379,7 +379,7 @@ class StripeRail:
             )
         except stripe.SignatureVerificationError as exc:
             raise WebhookRejected(f"webhook signature refused: {_stripe_message(exc)}") from exc
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, AttributeError, TypeError) as exc:
             # Body is not JSON / not an event; the signature may even be valid.
             raise WebhookRejected(f"webhook body is not a Stripe event: {exc}") from exc
         data = event.to_dict()
@@ -523,13 +523,17 @@ class StripeRail:
         currency: str,
         idempotency_key: str,
         *,
+        transfer_group: str | None = None,
         metadata: dict[str, str] | None = None,
     ) -> str:
         """Move platform funds to a connected account; returns the transfer id (``tr_...``).
 
         Raises ``PayoutFailed`` when Stripe refuses (4xx: nothing moved, reverse the
         debit) and ``UpstreamRailError`` when the outcome is unknown (network error or
-        5xx: retry with the same ``idempotency_key`` before deciding).
+        5xx). After an unknown outcome do not reverse blindly: Stripe replays a saved
+        result for the same ``idempotency_key`` (a 5xx included), so pass a
+        ``transfer_group`` (e.g. the withdrawal id) and ask ``find_transfers`` whether
+        the transfer exists before deciding.
         """
         _check_amount(amount_cents)
         cur = _check_currency(currency)
@@ -540,6 +544,8 @@ class StripeRail:
             "currency": cur,
             "destination": account_id,
         }
+        if transfer_group:
+            params["transfer_group"] = transfer_group
         if metadata:
             params["metadata"] = dict(metadata)
         try:
@@ -558,6 +564,17 @@ class StripeRail:
             failed.stripe_code = exc.code  # type: ignore[attr-defined]
             raise failed from exc
         return transfer.id
+
+    async def find_transfers(self, transfer_group: str, *, limit: int = 10) -> list[str]:
+        """Ids of the transfers made under ``transfer_group`` (newest first), to reconcile
+        a transfer whose outcome was unknown."""
+        try:
+            found = await self._client.v1.transfers.list_async(
+                {"transfer_group": transfer_group, "limit": limit}
+            )
+        except stripe.StripeError as exc:
+            raise _map_stripe_error(exc, "transfer lookup") from exc
+        return [t.id for t in found.data]
 
 
 # --------------------------------------------------------------------- normalization

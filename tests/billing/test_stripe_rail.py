@@ -55,6 +55,8 @@ async def test_topup_session_sends_amount_currency_metadata_and_mode(
     assert req.headers["Authorization"] == f"Bearer {stripe_server.api_key}"
     assert req.headers["Content-Type"] == "application/x-www-form-urlencoded"
     assert req.headers["Idempotency-Key"]  # the SDK always sends one on POST
+    # The SDK went through its aiohttp client: the call never blocked the event loop.
+    assert json.loads(req.headers["X-Stripe-Client-User-Agent"])["httplib"] == "aiohttp"
     form = req.form
     assert form["mode"] == "payment"
     [item] = form["line_items"]
@@ -463,6 +465,30 @@ async def test_refused_transfer_raises_payout_failed(
     assert stripe_server.transfers == {}
     [req] = stripe_server.requests_to("POST", "/v1/transfers")
     assert req.status == 400
+
+
+async def test_transfer_hitting_a_stripe_outage_is_outcome_unknown(
+    stripe_rail: StripeRail, stripe_server: StripeServer
+) -> None:
+    account_id = await _onboarded_account(stripe_rail, stripe_server)
+    stripe_server.fail_next_transfer(
+        code="api_error", message="Internal error", status=500, error_type="api_error"
+    )
+    with pytest.raises(UpstreamRailError) as info:
+        await stripe_rail.transfer_to_connect(
+            account_id, 4200, "usd", "payout-w5", transfer_group="wd_5"
+        )
+    assert not isinstance(info.value, PayoutFailed)
+    # Reconciling: nothing was transferred under that group.
+    assert await stripe_rail.find_transfers("wd_5") == []
+
+    # Once a transfer exists, the lookup finds it.
+    tid = await stripe_rail.transfer_to_connect(
+        account_id, 4200, "usd", "payout-w6", transfer_group="wd_6"
+    )
+    assert await stripe_rail.find_transfers("wd_6") == [tid]
+    [lookup, _] = stripe_server.requests_to("GET", "/v1/transfers")
+    assert lookup.query == {"transfer_group": "wd_5", "limit": "10"}
 
 
 async def test_transfer_to_an_account_not_onboarded_raises_payout_failed(

@@ -245,10 +245,13 @@ class StripeServer:
         code: str = "balance_insufficient",
         message: str = "You have insufficient available funds in your Stripe account.",
         status: int = 400,
+        error_type: str = "invalid_request_error",
     ) -> None:
-        """The next POST /v1/transfers answers with this Stripe error (and creates nothing)."""
+        """The next POST /v1/transfers answers with this Stripe error (and creates nothing).
+
+        ``status=500, error_type="api_error"`` simulates a Stripe outage (outcome unknown)."""
         self._fail_transfer.append(
-            _Failure(status, {"type": "invalid_request_error", "code": code, "message": message})
+            _Failure(status, {"type": error_type, "code": code, "message": message})
         )
 
     def fail_next_payment_intent(
@@ -436,6 +439,7 @@ class StripeServer:
             ("GET", r"/v1/accounts/([^/]+)", self._get_account),
             ("POST", r"/v1/account_links", self._create_account_link),
             ("POST", r"/v1/transfers", self._create_transfer),
+            ("GET", r"/v1/transfers", self._list_transfers),
             ("GET", r"/v1/transfers/([^/]+)", self._get_transfer),
         ]
         for m, pattern, fn in routes:
@@ -771,6 +775,21 @@ class StripeServer:
         }
         self.transfers[tid] = transfer
         return transfer
+
+    async def _list_transfers(self, rec: RecordedRequest) -> dict[str, Any]:
+        q = rec.query
+        limit = int(q.get("limit", "10"))
+        found = [
+            t
+            for t in reversed(self.transfers.values())
+            if all(q.get(k) is None or t[k] == q[k] for k in ("destination", "transfer_group"))
+        ]
+        return {
+            "object": "list",
+            "data": found[:limit],
+            "has_more": len(found) > limit,
+            "url": "/v1/transfers",
+        }
 
     async def _get_transfer(self, rec: RecordedRequest, tid: str) -> dict[str, Any]:
         if tid not in self.transfers:
