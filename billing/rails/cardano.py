@@ -176,6 +176,28 @@ class ExpectedPayment:
         for addr in (self.pay_to, *(o.address for o in self.split_outputs)):
             _parse_address(addr)
 
+    @classmethod
+    def from_invoice_detail(cls, detail: Mapping[str, Any]) -> ExpectedPayment:
+        """Build from the 402 invoice's ``detail`` object (t-backend guide shape).
+
+        ``asset`` is ``"ADA"``/``"lovelace"`` or a Blockfrost unit (policy id + asset
+        name hex); ``amountUnits`` is a digit string in the asset's smallest unit;
+        ``extra.outputs`` entries go through :meth:`RequiredOutput.from_dict`.
+        """
+        asset_label = str(detail["asset"])
+        asset = (
+            CardanoAsset.lovelace()
+            if asset_label.lower() in {"ada", LOVELACE}
+            else CardanoAsset.from_unit(asset_label)
+        )
+        extra = detail.get("extra") or {}
+        return cls(
+            pay_to=str(detail["payTo"]),
+            asset=asset,
+            amount=_int_amount(detail["amountUnits"]),
+            split_outputs=tuple(RequiredOutput.from_dict(o) for o in extra.get("outputs") or ()),
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class PaidOutput:

@@ -656,3 +656,32 @@ def test_invoice_descriptions_parse_units_and_refuse_floats(partner: Wallet) -> 
         ExpectedPayment("addr_test1notanaddress", CardanoAsset.lovelace(), 1)
     with pytest.raises(ValueError):
         CardanoAsset("abc", "")
+
+
+def test_expected_payment_from_invoice_detail(provider: Wallet, partner: Wallet) -> None:
+    detail = {
+        "version": "0.1",
+        "invoiceId": "inv_1",
+        "chain": "cardano-preprod",
+        "asset": "ADA",
+        "amountUnits": "10000000",
+        "decimals": 6,
+        "payTo": provider.bech32,
+        "timeout": 300,
+        "extra": {
+            "partner": "p",
+            "batchTarget": 100,
+            "outputs": [{"address": partner.bech32, "amount": "1500000"}],
+        },
+    }
+    expected = ExpectedPayment.from_invoice_detail(detail)
+    assert expected == ExpectedPayment(
+        provider.bech32,
+        CardanoAsset.lovelace(),
+        10_000_000,
+        (RequiredOutput(partner.bech32, CardanoAsset.lovelace(), 1_500_000),),
+    )
+    token = ExpectedPayment.from_invoice_detail(
+        {"asset": TOKEN.unit, "amountUnits": "250", "payTo": provider.bech32}
+    )
+    assert token.asset == TOKEN and token.split_outputs == ()
