@@ -17,7 +17,7 @@ Endpoints: POST /v1/checkout/sessions, GET /v1/checkout/sessions/{id},
 POST /v1/customers, GET /v1/customers/{id}, GET /v1/payment_methods,
 POST /v1/payment_intents, GET /v1/payment_intents/{id}, POST /v1/accounts,
 GET /v1/accounts/{id}, POST /v1/account_links, POST /v1/transfers,
-GET /v1/transfers/{id}.
+GET /v1/transfers (by transfer_group), GET /v1/transfers/{id}.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ class _Failure:
     error: dict[str, Any]
 
 
-class StripeError(Exception):
+class StripeAPIError(Exception):
     """Raised inside a handler to answer with Stripe's error shape."""
 
     def __init__(self, status: int, error: dict[str, Any], *, save: bool = False):
@@ -145,14 +145,14 @@ class StripeError(Exception):
 
 def _invalid(
     message: str, param: str | None = None, code: str = "parameter_invalid"
-) -> StripeError:
+) -> StripeAPIError:
     err: dict[str, Any] = {"type": "invalid_request_error", "message": message, "code": code}
     if param:
         err["param"] = param
-    return StripeError(400, err)
+    return StripeAPIError(400, err)
 
 
-def _missing(param: str) -> StripeError:
+def _missing(param: str) -> StripeAPIError:
     return _invalid(f"Missing required param: {param}.", param, "parameter_missing")
 
 
@@ -169,8 +169,8 @@ def _as_bool(raw: Any) -> bool:
     return raw == "true"
 
 
-def _no_such(kind: str, ident: str, param: str = "id") -> StripeError:
-    return StripeError(
+def _no_such(kind: str, ident: str, param: str = "id") -> StripeAPIError:
+    return StripeAPIError(
         404,
         {
             "type": "invalid_request_error",
@@ -417,7 +417,7 @@ class StripeServer:
                 return _json(status, payload, replayed=True)
         try:
             status, payload = 200, await handler(rec, *args)
-        except StripeError as exc:
+        except StripeAPIError as exc:
             status, payload = exc.status, {"error": exc.error}
             if idem_key and exc.save:
                 self._idem[(self.api_key, idem_key)] = (fingerprint, status, payload)
@@ -642,7 +642,7 @@ class StripeServer:
                 "payment_method": self.payment_methods.get(pm or ""),
             }
             pi["last_payment_error"] = failure.error
-            raise StripeError(failure.status, error, save=True)
+            raise StripeAPIError(failure.status, error, save=True)
         status = "succeeded" if confirm else "requires_confirmation"
         return self._new_payment_intent(
             amount=amount,
@@ -722,12 +722,12 @@ class StripeServer:
             raise _missing("destination")
         if self._fail_transfer:
             failure = self._fail_transfer.pop(0)
-            raise StripeError(failure.status, failure.error, save=True)
+            raise StripeAPIError(failure.status, failure.error, save=True)
         if destination not in self.accounts:
             raise _no_such("destination", destination, "destination")
         acct = self.accounts[destination]
         if acct["capabilities"].get("transfers") != "active":
-            raise StripeError(
+            raise StripeAPIError(
                 400,
                 {
                     "type": "invalid_request_error",
@@ -741,7 +741,7 @@ class StripeServer:
         if amount < 1:
             raise _invalid("Amount must be at least 1 cent", "amount", "amount_too_small")
         if self.platform_balance.get(currency, 0) < amount:
-            raise StripeError(
+            raise StripeAPIError(
                 400,
                 {
                     "type": "invalid_request_error",
