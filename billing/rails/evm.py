@@ -35,23 +35,66 @@ TRANSFER_TOPIC = "0xddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523
 # Only the functions we call; a full token ABI is not needed and would tie us
 # to one implementation.
 ERC20_ABI: list[dict[str, Any]] = [
-    {"type": "function", "name": "balanceOf", "stateMutability": "view",
-     "inputs": [{"name": "owner", "type": "address"}],
-     "outputs": [{"name": "", "type": "uint256"}]},
-    {"type": "function", "name": "transfer", "stateMutability": "nonpayable",
-     "inputs": [{"name": "to", "type": "address"}, {"name": "value", "type": "uint256"}],
-     "outputs": [{"name": "", "type": "bool"}]},
-    {"type": "function", "name": "authorizationState", "stateMutability": "view",
-     "inputs": [{"name": "authorizer", "type": "address"}, {"name": "nonce", "type": "bytes32"}],
-     "outputs": [{"name": "", "type": "bool"}]},
+    {
+        "type": "function",
+        "name": "balanceOf",
+        "stateMutability": "view",
+        "inputs": [{"name": "owner", "type": "address"}],
+        "outputs": [{"name": "", "type": "uint256"}],
+    },
+    {
+        "type": "function",
+        "name": "transfer",
+        "stateMutability": "nonpayable",
+        "inputs": [{"name": "to", "type": "address"}, {"name": "value", "type": "uint256"}],
+        "outputs": [{"name": "", "type": "bool"}],
+    },
+    {
+        "type": "function",
+        "name": "authorizationState",
+        "stateMutability": "view",
+        "inputs": [{"name": "authorizer", "type": "address"}, {"name": "nonce", "type": "bytes32"}],
+        "outputs": [{"name": "", "type": "bool"}],
+    },
+    {
+        "type": "function",
+        "name": "name",
+        "stateMutability": "view",
+        "inputs": [],
+        "outputs": [{"name": "", "type": "string"}],
+    },
+    {
+        "type": "function",
+        "name": "version",
+        "stateMutability": "view",
+        "inputs": [],
+        "outputs": [{"name": "", "type": "string"}],
+    },
+    {
+        "type": "function",
+        "name": "decimals",
+        "stateMutability": "view",
+        "inputs": [],
+        "outputs": [{"name": "", "type": "uint8"}],
+    },
     # The (v, r, s) form: present on every EIP-3009 token (USDC v1 and v2).
-    {"type": "function", "name": "transferWithAuthorization", "stateMutability": "nonpayable",
-     "inputs": [{"name": "from", "type": "address"}, {"name": "to", "type": "address"},
-                {"name": "value", "type": "uint256"}, {"name": "validAfter", "type": "uint256"},
-                {"name": "validBefore", "type": "uint256"}, {"name": "nonce", "type": "bytes32"},
-                {"name": "v", "type": "uint8"}, {"name": "r", "type": "bytes32"},
-                {"name": "s", "type": "bytes32"}],
-     "outputs": []},
+    {
+        "type": "function",
+        "name": "transferWithAuthorization",
+        "stateMutability": "nonpayable",
+        "inputs": [
+            {"name": "from", "type": "address"},
+            {"name": "to", "type": "address"},
+            {"name": "value", "type": "uint256"},
+            {"name": "validAfter", "type": "uint256"},
+            {"name": "validBefore", "type": "uint256"},
+            {"name": "nonce", "type": "bytes32"},
+            {"name": "v", "type": "uint8"},
+            {"name": "r", "type": "bytes32"},
+            {"name": "s", "type": "bytes32"},
+        ],
+        "outputs": [],
+    },
 ]
 
 _TX_HASH_RE = re.compile(r"^0x[0-9a-fA-F]{64}$")
@@ -79,6 +122,14 @@ class Eip3009Authorization:
     valid_after: int
     valid_before: int
     nonce: bytes
+
+
+@dataclass(frozen=True)
+class TokenMetadata:
+    address: str
+    name: str
+    version: str
+    decimals: int
 
 
 @dataclass(frozen=True)
@@ -122,17 +173,25 @@ class EvmClient:
     when the deployment does not use that feature.
     """
 
-    def __init__(self, rpc_url: str, *, expected_chain_id: int | None = None,
-                 hot_wallet_key: str | None = None, gas_key: str | None = None,
-                 payout_token: str | None = None, request_timeout: float = 15.0,
-                 receipt_timeout: float = 120.0, poll_interval: float = 0.2) -> None:
+    def __init__(
+        self,
+        rpc_url: str,
+        *,
+        expected_chain_id: int | None = None,
+        hot_wallet_key: str | None = None,
+        gas_key: str | None = None,
+        payout_token: str | None = None,
+        request_timeout: float = 15.0,
+        receipt_timeout: float = 120.0,
+        poll_interval: float = 0.2,
+    ) -> None:
         self.rpc_url = rpc_url
-        self.w3 = AsyncWeb3(AsyncHTTPProvider(rpc_url, request_kwargs={"timeout":
-                                                                        request_timeout}))
+        self.w3 = AsyncWeb3(AsyncHTTPProvider(rpc_url, request_kwargs={"timeout": request_timeout}))
         self._expected_chain_id = expected_chain_id
         self._chain_id: int | None = None
         self.hot_wallet: LocalAccount | None = (
-            Account.from_key(hot_wallet_key) if hot_wallet_key else None)
+            Account.from_key(hot_wallet_key) if hot_wallet_key else None
+        )
         self.gas_wallet: LocalAccount | None = Account.from_key(gas_key) if gas_key else None
         self.payout_token = _addr(payout_token, "payout token") if payout_token else None
         self._receipt_timeout = receipt_timeout
@@ -154,12 +213,13 @@ class EvmClient:
         if self._chain_id is None:
             try:
                 cid = int(await self.w3.eth.chain_id)
-            except (OSError, asyncio.TimeoutError, Web3Exception) as exc:
+            except (TimeoutError, OSError, Web3Exception) as exc:
                 raise UpstreamRailError(f"EVM node unreachable: {exc}") from exc
             if self._expected_chain_id is not None and cid != self._expected_chain_id:
                 raise UpstreamRailError(
                     f"EVM node at {self.rpc_url} is chain {cid}, "
-                    f"configured {self._expected_chain_id}")
+                    f"configured {self._expected_chain_id}"
+                )
             self._chain_id = cid
         return self._chain_id
 
@@ -167,11 +227,10 @@ class EvmClient:
 
     async def token_balance(self, token: str, owner: str) -> int:
         try:
-            return int(await self._token(token).functions.balanceOf(
-                _addr(owner, "owner")).call())
+            return int(await self._token(token).functions.balanceOf(_addr(owner, "owner")).call())
         except ContractLogicError as exc:
             raise UpstreamRailError(f"balanceOf failed on {token}: {exc}") from exc
-        except (OSError, asyncio.TimeoutError, Web3Exception) as exc:
+        except (TimeoutError, OSError, Web3Exception) as exc:
             raise UpstreamRailError(f"EVM node error: {exc}") from exc
 
     async def authorization_state(self, token: str, authorizer: str, nonce: bytes) -> bool:
@@ -179,19 +238,52 @@ class EvmClient:
         if len(nonce) != 32:
             raise ValueError("EIP-3009 nonce must be 32 bytes")
         try:
-            return bool(await self._token(token).functions.authorizationState(
-                _addr(authorizer, "authorizer"), nonce).call())
+            return bool(
+                await self._token(token)
+                .functions.authorizationState(_addr(authorizer, "authorizer"), nonce)
+                .call()
+            )
         except ContractLogicError as exc:
             # Not an EIP-3009 token at all: the asset was misconfigured.
             raise UpstreamRailError(f"authorizationState failed on {token}: {exc}") from exc
-        except (OSError, asyncio.TimeoutError, Web3Exception) as exc:
+        except (TimeoutError, OSError, Web3Exception) as exc:
             raise UpstreamRailError(f"EVM node error: {exc}") from exc
+
+    async def token_metadata(self, token: str) -> TokenMetadata:
+        """Name, EIP-712 version and decimals of ``token``, for building x402 offers.
+
+        Read once at start-up: the offer's ``extra.name``/``extra.version`` must
+        equal the token's EIP-712 domain or every client signature fails.
+        """
+        contract = self._token(token)
+        try:
+            name = str(await contract.functions.name().call())
+            decimals = int(await contract.functions.decimals().call())
+            try:
+                version = str(await contract.functions.version().call())
+            except ContractLogicError:
+                # Tokens without version() (EIP-712 default): USDC-style "1".
+                version = "1"
+        except ContractLogicError as exc:
+            raise UpstreamRailError(f"{token} does not look like an ERC-20: {exc}") from exc
+        except (TimeoutError, OSError, Web3Exception) as exc:
+            raise UpstreamRailError(f"EVM node error: {exc}") from exc
+        return TokenMetadata(
+            address=_addr(token, "token"), name=name, version=version, decimals=decimals
+        )
 
     # -- invoice payments ----------------------------------------------------------
 
-    async def verify_token_transfer(self, tx_hash: str, *, token: str, pay_to: str,
-                                    min_amount: int, not_before_unix: int,
-                                    min_confirmations: int) -> TokenTransfer:
+    async def verify_token_transfer(
+        self,
+        tx_hash: str,
+        *,
+        token: str,
+        pay_to: str,
+        min_amount: int,
+        not_before_unix: int,
+        min_confirmations: int,
+    ) -> TokenTransfer:
         """Check that ``tx_hash`` paid at least ``min_amount`` of ``token`` to ``pay_to``.
 
         Only Transfer logs emitted by the pinned token contract count: another
@@ -212,10 +304,12 @@ class EvmClient:
                 try:
                     await self.w3.eth.get_transaction(tx_hash)
                 except TransactionNotFound:
-                    raise PaymentRejected("transaction not found on chain",
-                                          code="tx_not_found") from None
-                raise PaymentRejected("transaction is not mined yet",
-                                      code="insufficient_confirmations")
+                    raise PaymentRejected(
+                        "transaction not found on chain", code="tx_not_found"
+                    ) from None
+                raise PaymentRejected(
+                    "transaction is not mined yet", code="insufficient_confirmations"
+                )
             if int(receipt["status"]) != 1:
                 raise PaymentRejected("transaction reverted", code="tx_failed")
             head = int(await self.w3.eth.block_number)
@@ -224,7 +318,8 @@ class EvmClient:
             if confirmations < min_confirmations:
                 raise PaymentRejected(
                     f"{confirmations} confirmations, {min_confirmations} required",
-                    code="insufficient_confirmations")
+                    code="insufficient_confirmations",
+                )
 
             paid = 0
             payer: str | None = None
@@ -257,27 +352,38 @@ class EvmClient:
                 if foreign_transfer_to_payee:
                     raise PaymentRejected("transfer is of another token", code="wrong_token")
                 if token_logs_elsewhere:
-                    raise PaymentRejected("token was sent to another address",
-                                          code="wrong_recipient")
+                    raise PaymentRejected(
+                        "token was sent to another address", code="wrong_recipient"
+                    )
                 tx = await self.w3.eth.get_transaction(tx_hash)
                 if int(tx.get("value", 0)) > 0:
-                    raise PaymentRejected("native coin is not the invoiced token",
-                                          code="wrong_token")
-                raise PaymentRejected("transaction carries no transfer of the token",
-                                      code="wrong_token")
+                    raise PaymentRejected(
+                        "native coin is not the invoiced token", code="wrong_token"
+                    )
+                raise PaymentRejected(
+                    "transaction carries no transfer of the token", code="wrong_token"
+                )
             if paid < min_amount:
-                raise PaymentRejected(f"paid {paid}, {min_amount} required",
-                                      code="amount_too_small")
+                raise PaymentRejected(
+                    f"paid {paid}, {min_amount} required", code="amount_too_small"
+                )
             block = await self.w3.eth.get_block(block_number)
             block_time = int(block["timestamp"])
             if block_time <= not_before_unix:
-                raise PaymentRejected("transaction is older than the invoice",
-                                      code="tx_before_invoice")
-        except (OSError, asyncio.TimeoutError, Web3Exception) as exc:
+                raise PaymentRejected(
+                    "transaction is older than the invoice", code="tx_before_invoice"
+                )
+        except (TimeoutError, OSError, Web3Exception) as exc:
             raise UpstreamRailError(f"EVM node error: {exc}") from exc
         assert payer is not None
-        return TokenTransfer(tx_hash=tx_hash.lower(), payer=payer, pay_to=pay_to, amount=paid,
-                             block_number=block_number, block_time=block_time)
+        return TokenTransfer(
+            tx_hash=tx_hash.lower(),
+            payer=payer,
+            pay_to=pay_to,
+            amount=paid,
+            block_number=block_number,
+            block_time=block_time,
+        )
 
     # -- writes --------------------------------------------------------------------
 
@@ -291,16 +397,19 @@ class EvmClient:
         lock = self._send_locks.setdefault(account.address, asyncio.Lock())
         async with lock:
             nonce = await self.w3.eth.get_transaction_count(account.address, "pending")
-            tx = await call.build_transaction({"from": account.address, "nonce": nonce,
-                                               "chainId": await self.chain_id()})
+            tx = await call.build_transaction(
+                {"from": account.address, "nonce": nonce, "chainId": await self.chain_id()}
+            )
             signed = account.sign_transaction(tx)
             tx_hash = _hex(await self.w3.eth.send_raw_transaction(signed.raw_transaction))
         try:
             receipt = await self.w3.eth.wait_for_transaction_receipt(
-                tx_hash, timeout=self._receipt_timeout, poll_latency=self._poll_interval)
+                tx_hash, timeout=self._receipt_timeout, poll_latency=self._poll_interval
+            )
         except TimeExhausted as exc:
-            raise PayoutFailed(f"transaction {tx_hash} not mined in time",
-                               code="tx_not_mined") from exc
+            raise PayoutFailed(
+                f"transaction {tx_hash} not mined in time", code="tx_not_mined"
+            ) from exc
         if int(receipt["status"]) != 1:
             raise PayoutFailed(f"transaction {tx_hash} reverted", code="tx_reverted")
         return SentTransaction(tx_hash=tx_hash, block_number=int(receipt["blockNumber"]))
@@ -316,22 +425,23 @@ class EvmClient:
         if token is None:
             raise PayoutFailed("no payout token configured", code="payout_not_configured")
         if not isinstance(amount, int) or amount <= 0:
-            raise PayoutFailed("payout amount must be a positive integer",
-                               code="invalid_amount")
+            raise PayoutFailed("payout amount must be a positive integer", code="invalid_amount")
         try:
             call = self._token(token).functions.transfer(_addr(to, "recipient"), amount)
             sent = await self._send_call(self.hot_wallet, call)
         except ContractLogicError as exc:
-            raise PayoutFailed(f"token transfer would revert: {exc}",
-                               code="payout_reverted") from exc
-        except (OSError, asyncio.TimeoutError, Web3Exception, ValueError) as exc:
+            raise PayoutFailed(
+                f"token transfer would revert: {exc}", code="payout_reverted"
+            ) from exc
+        except (TimeoutError, OSError, Web3Exception, ValueError) as exc:
             if isinstance(exc, PayoutFailed):
                 raise
             raise PayoutFailed(f"payout failed: {exc}") from exc
         return sent.tx_hash
 
-    async def transfer_with_authorization(self, token: str, auth: Eip3009Authorization,
-                                          signature: bytes) -> SentTransaction:
+    async def transfer_with_authorization(
+        self, token: str, auth: Eip3009Authorization, signature: bytes
+    ) -> SentTransaction:
         """Submit an EIP-3009 authorization, paying gas with the gas key.
 
         Reverts are mapped from the token's reason: a used nonce is a conflict
@@ -339,32 +449,41 @@ class EvmClient:
         rejected payment; transport trouble is UpstreamRailError.
         """
         if self.gas_wallet is None:
-            raise UpstreamRailError("no gas key configured for settlement",
-                                    code="settlement_not_configured")
+            raise UpstreamRailError(
+                "no gas key configured for settlement", code="settlement_not_configured"
+            )
         v, r, s = split_signature(signature)
         call = self._token(token).functions.transferWithAuthorization(
-            _addr(auth.from_address, "payer"), _addr(auth.to, "recipient"), auth.value,
-            auth.valid_after, auth.valid_before, auth.nonce, v, r, s)
+            _addr(auth.from_address, "payer"),
+            _addr(auth.to, "recipient"),
+            auth.value,
+            auth.valid_after,
+            auth.valid_before,
+            auth.nonce,
+            v,
+            r,
+            s,
+        )
         try:
             return await self._send_call(self.gas_wallet, call)
         except ContractLogicError as exc:
             raise _authorization_revert(str(exc)) from exc
         except PayoutFailed as exc:
             raise PaymentRejected(exc.message, code="settlement_failed") from exc
-        except (OSError, asyncio.TimeoutError, Web3Exception) as exc:
+        except (TimeoutError, OSError, Web3Exception) as exc:
             raise UpstreamRailError(f"EVM node error during settlement: {exc}") from exc
 
 
 def _authorization_revert(reason: str) -> PaymentRejected | PaymentConflict:
     msg = reason.lower()
     if "authorization is used" in msg or "authorizationalreadyused" in msg:
-        return PaymentConflict("authorization nonce already used on chain",
-                               code="nonce_already_used")
+        return PaymentConflict(
+            "authorization nonce already used on chain", code="nonce_already_used"
+        )
     if "expired" in msg:
         return PaymentRejected("authorization expired", code="authorization_expired")
     if "not yet valid" in msg:
-        return PaymentRejected("authorization not yet valid",
-                               code="authorization_not_yet_valid")
+        return PaymentRejected("authorization not yet valid", code="authorization_not_yet_valid")
     if "exceeds balance" in msg or "insufficientbalance" in msg:
         return PaymentRejected("payer balance too low", code="insufficient_balance")
     if "invalid signature" in msg or "signermismatch" in msg:

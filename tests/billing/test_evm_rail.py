@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 from eth_account import Account
@@ -53,11 +54,21 @@ def gas_wallet(chain: EvmChain) -> LocalAccount:
 
 
 @pytest.fixture
-async def client(node: JsonRpcServer, chain: EvmChain, usdc: str, hot_wallet: LocalAccount,
-                 gas_wallet: LocalAccount) -> AsyncIterator[EvmClient]:
-    c = EvmClient(node.url, expected_chain_id=chain.chain_id,
-                  hot_wallet_key=hot_wallet.key.hex(), gas_key=gas_wallet.key.hex(),
-                  payout_token=usdc, poll_interval=0.02)
+async def client(
+    node: JsonRpcServer,
+    chain: EvmChain,
+    usdc: str,
+    hot_wallet: LocalAccount,
+    gas_wallet: LocalAccount,
+) -> AsyncIterator[EvmClient]:
+    c = EvmClient(
+        node.url,
+        expected_chain_id=chain.chain_id,
+        hot_wallet_key=hot_wallet.key.hex(),
+        gas_key=gas_wallet.key.hex(),
+        payout_token=usdc,
+        poll_interval=0.02,
+    )
     yield c
     await c.close()
 
@@ -75,20 +86,26 @@ def merchant() -> str:
     return Account.create().address
 
 
-async def _reject(coro, code: str) -> None:  # type: ignore[no-untyped-def]
+async def _reject(coro: Any, code: str) -> None:
     with pytest.raises(PaymentRejected) as info:
         await coro
     assert info.value.code == code, info.value.message
 
 
-async def test_real_transfer_verifies(client: EvmClient, chain: EvmChain, usdc: str,
-                                      payer: LocalAccount, merchant: str) -> None:
+async def test_real_transfer_verifies(
+    client: EvmClient, chain: EvmChain, usdc: str, payer: LocalAccount, merchant: str
+) -> None:
     invoice_created = chain.block_timestamp()
     chain.mine_blocks(1)  # the payment lands in a later block than the invoice
     tx = chain.transfer_token(usdc, payer, merchant, 2_500_000)
     got = await client.verify_token_transfer(
-        tx, token=usdc, pay_to=merchant, min_amount=2_500_000,
-        not_before_unix=invoice_created, min_confirmations=1)
+        tx,
+        token=usdc,
+        pay_to=merchant,
+        min_amount=2_500_000,
+        not_before_unix=invoice_created,
+        min_confirmations=1,
+    )
     assert got.amount == 2_500_000
     assert got.payer == payer.address
     assert got.pay_to == merchant
@@ -97,78 +114,138 @@ async def test_real_transfer_verifies(client: EvmClient, chain: EvmChain, usdc: 
     assert got.block_time > invoice_created
 
 
-async def test_confirmations_are_counted(client: EvmClient, chain: EvmChain, usdc: str,
-                                         payer: LocalAccount, merchant: str) -> None:
+async def test_confirmations_are_counted(
+    client: EvmClient, chain: EvmChain, usdc: str, payer: LocalAccount, merchant: str
+) -> None:
     tx = chain.transfer_token(usdc, payer, merchant, 1_000)
-    kwargs = dict(token=usdc, pay_to=merchant, min_amount=1_000, not_before_unix=0,
-                  min_confirmations=3)
+    kwargs: dict[str, Any] = {
+        "token": usdc,
+        "pay_to": merchant,
+        "min_amount": 1_000,
+        "not_before_unix": 0,
+        "min_confirmations": 3,
+    }
     await _reject(client.verify_token_transfer(tx, **kwargs), "insufficient_confirmations")
     chain.mine_blocks(2)
     assert (await client.verify_token_transfer(tx, **kwargs)).amount == 1_000
 
 
-async def test_foreign_token_is_rejected(client: EvmClient, chain: EvmChain, usdc: str,
-                                         other_token: str, payer: LocalAccount,
-                                         merchant: str) -> None:
+async def test_foreign_token_is_rejected(
+    client: EvmClient,
+    chain: EvmChain,
+    usdc: str,
+    other_token: str,
+    payer: LocalAccount,
+    merchant: str,
+) -> None:
     tx = chain.transfer_token(other_token, payer, merchant, 5_000_000)
-    await _reject(client.verify_token_transfer(
-        tx, token=usdc, pay_to=merchant, min_amount=1, not_before_unix=0,
-        min_confirmations=1), "wrong_token")
+    await _reject(
+        client.verify_token_transfer(
+            tx, token=usdc, pay_to=merchant, min_amount=1, not_before_unix=0, min_confirmations=1
+        ),
+        "wrong_token",
+    )
 
 
-async def test_native_coin_is_rejected(client: EvmClient, chain: EvmChain, usdc: str,
-                                       payer: LocalAccount, merchant: str) -> None:
+async def test_native_coin_is_rejected(
+    client: EvmClient, chain: EvmChain, usdc: str, payer: LocalAccount, merchant: str
+) -> None:
     tx = chain.send_native(payer, merchant, 10**18)
-    await _reject(client.verify_token_transfer(
-        tx, token=usdc, pay_to=merchant, min_amount=1, not_before_unix=0,
-        min_confirmations=1), "wrong_token")
+    await _reject(
+        client.verify_token_transfer(
+            tx, token=usdc, pay_to=merchant, min_amount=1, not_before_unix=0, min_confirmations=1
+        ),
+        "wrong_token",
+    )
 
 
-async def test_too_small_is_rejected(client: EvmClient, chain: EvmChain, usdc: str,
-                                     payer: LocalAccount, merchant: str) -> None:
+async def test_too_small_is_rejected(
+    client: EvmClient, chain: EvmChain, usdc: str, payer: LocalAccount, merchant: str
+) -> None:
     tx = chain.transfer_token(usdc, payer, merchant, 999_999)
-    await _reject(client.verify_token_transfer(
-        tx, token=usdc, pay_to=merchant, min_amount=1_000_000, not_before_unix=0,
-        min_confirmations=1), "amount_too_small")
+    await _reject(
+        client.verify_token_transfer(
+            tx,
+            token=usdc,
+            pay_to=merchant,
+            min_amount=1_000_000,
+            not_before_unix=0,
+            min_confirmations=1,
+        ),
+        "amount_too_small",
+    )
 
 
-async def test_wrong_recipient_is_rejected(client: EvmClient, chain: EvmChain, usdc: str,
-                                           payer: LocalAccount, merchant: str) -> None:
+async def test_wrong_recipient_is_rejected(
+    client: EvmClient, chain: EvmChain, usdc: str, payer: LocalAccount, merchant: str
+) -> None:
     tx = chain.transfer_token(usdc, payer, Account.create().address, 1_000_000)
-    await _reject(client.verify_token_transfer(
-        tx, token=usdc, pay_to=merchant, min_amount=1_000_000, not_before_unix=0,
-        min_confirmations=1), "wrong_recipient")
+    await _reject(
+        client.verify_token_transfer(
+            tx,
+            token=usdc,
+            pay_to=merchant,
+            min_amount=1_000_000,
+            not_before_unix=0,
+            min_confirmations=1,
+        ),
+        "wrong_recipient",
+    )
 
 
-async def test_failed_tx_is_rejected(client: EvmClient, chain: EvmChain, usdc: str,
-                                     merchant: str) -> None:
+async def test_failed_tx_is_rejected(
+    client: EvmClient, chain: EvmChain, usdc: str, merchant: str
+) -> None:
     broke = chain.new_account()  # has ether for gas but no tokens: transfer reverts
     tx = chain.transfer_token(usdc, broke, merchant, 1_000_000, gas=100_000)
     assert chain.receipt(tx)["status"] == 0
-    await _reject(client.verify_token_transfer(
-        tx, token=usdc, pay_to=merchant, min_amount=1_000_000, not_before_unix=0,
-        min_confirmations=1), "tx_failed")
+    await _reject(
+        client.verify_token_transfer(
+            tx,
+            token=usdc,
+            pay_to=merchant,
+            min_amount=1_000_000,
+            not_before_unix=0,
+            min_confirmations=1,
+        ),
+        "tx_failed",
+    )
 
 
-async def test_tx_before_invoice_is_rejected(client: EvmClient, chain: EvmChain, usdc: str,
-                                             payer: LocalAccount, merchant: str) -> None:
+async def test_tx_before_invoice_is_rejected(
+    client: EvmClient, chain: EvmChain, usdc: str, payer: LocalAccount, merchant: str
+) -> None:
     tx = chain.transfer_token(usdc, payer, merchant, 1_000_000)
     tx_time = chain.block_timestamp(chain.receipt(tx)["blockNumber"])
     # An invoice minted at (or after) the block that holds the payment.
-    await _reject(client.verify_token_transfer(
-        tx, token=usdc, pay_to=merchant, min_amount=1_000_000, not_before_unix=tx_time,
-        min_confirmations=1), "tx_before_invoice")
+    await _reject(
+        client.verify_token_transfer(
+            tx,
+            token=usdc,
+            pay_to=merchant,
+            min_amount=1_000_000,
+            not_before_unix=tx_time,
+            min_confirmations=1,
+        ),
+        "tx_before_invoice",
+    )
 
 
 async def test_unknown_and_malformed_hashes(client: EvmClient, usdc: str, merchant: str) -> None:
-    kwargs = dict(token=usdc, pay_to=merchant, min_amount=1, not_before_unix=0,
-                  min_confirmations=1)
+    kwargs: dict[str, Any] = {
+        "token": usdc,
+        "pay_to": merchant,
+        "min_amount": 1,
+        "not_before_unix": 0,
+        "min_confirmations": 1,
+    }
     await _reject(client.verify_token_transfer("0x" + "ab" * 32, **kwargs), "tx_not_found")
     await _reject(client.verify_token_transfer("0x1234", **kwargs), "invalid_tx_hash")
 
 
-async def test_send_token_pays_out(client: EvmClient, chain: EvmChain, usdc: str,
-                                   hot_wallet: LocalAccount) -> None:
+async def test_send_token_pays_out(
+    client: EvmClient, chain: EvmChain, usdc: str, hot_wallet: LocalAccount
+) -> None:
     dest = Account.create().address
     before = chain.token_balance(usdc, hot_wallet.address)
     tx = await client.send_token(dest, 1_234_567)
@@ -178,8 +255,9 @@ async def test_send_token_pays_out(client: EvmClient, chain: EvmChain, usdc: str
     assert await client.token_balance(usdc, dest) == 1_234_567
 
 
-async def test_concurrent_payouts_take_distinct_nonces(client: EvmClient, chain: EvmChain,
-                                                       usdc: str) -> None:
+async def test_concurrent_payouts_take_distinct_nonces(
+    client: EvmClient, chain: EvmChain, usdc: str
+) -> None:
     import asyncio
 
     dests = [Account.create().address for _ in range(5)]
@@ -188,36 +266,54 @@ async def test_concurrent_payouts_take_distinct_nonces(client: EvmClient, chain:
     assert [chain.token_balance(usdc, d) for d in dests] == [10, 11, 12, 13, 14]
 
 
-async def test_send_token_failure_raises_payout_failed(client: EvmClient, usdc: str,
-                                                       hot_wallet: LocalAccount,
-                                                       chain: EvmChain) -> None:
+async def test_send_token_failure_raises_payout_failed(
+    client: EvmClient, usdc: str, hot_wallet: LocalAccount, chain: EvmChain
+) -> None:
     too_much = chain.token_balance(usdc, hot_wallet.address) + 1
     with pytest.raises(PayoutFailed):
         await client.send_token(Account.create().address, too_much)
 
 
-def _sign_authorization(token: str, signer: LocalAccount, to: str, value: int, *,
-                        domain_chain_id: int, valid_after: int = 0,
-                        valid_before: int | None = None,
-                        primary: str = "TransferWithAuthorization"
-                        ) -> tuple[Eip3009Authorization, bytes]:
+def _sign_authorization(
+    token: str,
+    signer: LocalAccount,
+    to: str,
+    value: int,
+    *,
+    domain_chain_id: int,
+    valid_after: int = 0,
+    valid_before: int | None = None,
+    primary: str = "TransferWithAuthorization",
+) -> tuple[Eip3009Authorization, bytes]:
     auth = Eip3009Authorization(
-        from_address=signer.address, to=to, value=value, valid_after=valid_after,
+        from_address=signer.address,
+        to=to,
+        value=value,
+        valid_after=valid_after,
         valid_before=valid_before if valid_before is not None else int(time.time()) + 3600,
-        nonce=os.urandom(32))
-    digest = eip3009_digest(token, name=TOKEN_NAME, version=TOKEN_VERSION,
-                            domain_chain_id=domain_chain_id, from_=auth.from_address,
-                            to=auth.to, value=auth.value, valid_after=auth.valid_after,
-                            valid_before=auth.valid_before, nonce=auth.nonce, primary=primary)
+        nonce=os.urandom(32),
+    )
+    digest = eip3009_digest(
+        token,
+        name=TOKEN_NAME,
+        version=TOKEN_VERSION,
+        domain_chain_id=domain_chain_id,
+        from_=auth.from_address,
+        to=auth.to,
+        value=auth.value,
+        valid_after=auth.valid_after,
+        valid_before=auth.valid_before,
+        nonce=auth.nonce,
+        primary=primary,
+    )
     sig = Account.unsafe_sign_hash(digest, signer.key)
     return auth, bytes(sig.signature)
 
 
-async def test_transfer_with_authorization_settles_once(client: EvmClient, chain: EvmChain,
-                                                        usdc: str, payer: LocalAccount,
-                                                        merchant: str) -> None:
-    auth, sig = _sign_authorization(usdc, payer, merchant, 750_000,
-                                    domain_chain_id=chain.chain_id)
+async def test_transfer_with_authorization_settles_once(
+    client: EvmClient, chain: EvmChain, usdc: str, payer: LocalAccount, merchant: str
+) -> None:
+    auth, sig = _sign_authorization(usdc, payer, merchant, 750_000, domain_chain_id=chain.chain_id)
     assert await client.authorization_state(usdc, payer.address, auth.nonce) is False
     sent = await client.transfer_with_authorization(usdc, auth, sig)
     assert chain.receipt(sent.tx_hash)["status"] == 1
@@ -230,37 +326,49 @@ async def test_transfer_with_authorization_settles_once(client: EvmClient, chain
 
 
 async def test_transfer_with_authorization_rejects_bad_signature_and_expiry(
-        client: EvmClient, chain: EvmChain, usdc: str, payer: LocalAccount,
-        merchant: str) -> None:
-    auth, sig = _sign_authorization(usdc, payer, merchant, 1_000,
-                                    domain_chain_id=chain.chain_id)
-    tampered = Eip3009Authorization(auth.from_address, auth.to, 2_000, auth.valid_after,
-                                    auth.valid_before, auth.nonce)
+    client: EvmClient, chain: EvmChain, usdc: str, payer: LocalAccount, merchant: str
+) -> None:
+    auth, sig = _sign_authorization(usdc, payer, merchant, 1_000, domain_chain_id=chain.chain_id)
+    tampered = Eip3009Authorization(
+        auth.from_address, auth.to, 2_000, auth.valid_after, auth.valid_before, auth.nonce
+    )
     await _reject(client.transfer_with_authorization(usdc, tampered, sig), "invalid_signature")
     # Signed for another chain's domain: the token must not accept it here.
     auth, sig = _sign_authorization(usdc, payer, merchant, 1_000, domain_chain_id=84532)
     await _reject(client.transfer_with_authorization(usdc, auth, sig), "invalid_signature")
-    auth, sig = _sign_authorization(usdc, payer, merchant, 1_000,
-                                    domain_chain_id=chain.chain_id,
-                                    valid_before=chain.block_timestamp() - 1)
+    auth, sig = _sign_authorization(
+        usdc,
+        payer,
+        merchant,
+        1_000,
+        domain_chain_id=chain.chain_id,
+        valid_before=chain.block_timestamp() - 1,
+    )
     await _reject(client.transfer_with_authorization(usdc, auth, sig), "authorization_expired")
     assert chain.token_balance(usdc, merchant) == 0
 
 
-def test_token_accepts_bytes_signature_form_and_receive(chain: EvmChain, usdc: str,
-                                                        payer: LocalAccount,
-                                                        merchant: str) -> None:
+def test_token_accepts_bytes_signature_form_and_receive(
+    chain: EvmChain, usdc: str, payer: LocalAccount, merchant: str
+) -> None:
     # The x402 client hands out a 65-byte signature; USDC v2 also takes it whole.
-    auth, sig = _sign_authorization(usdc, payer, merchant, 3_000,
-                                    domain_chain_id=chain.chain_id)
+    auth, sig = _sign_authorization(usdc, payer, merchant, 3_000, domain_chain_id=chain.chain_id)
     relayer = chain.new_account()
     fn = chain.token(usdc).get_function_by_signature(
-        "transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,bytes)")
+        "transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,bytes)"
+    )
     with chain.lock:
-        tx = fn(auth.from_address, auth.to, auth.value, auth.valid_after, auth.valid_before,
-                auth.nonce, sig).build_transaction(
-            {"from": relayer.address,
-             "nonce": chain.w3.eth.get_transaction_count(relayer.address)})
+        tx = fn(
+            auth.from_address,
+            auth.to,
+            auth.value,
+            auth.valid_after,
+            auth.valid_before,
+            auth.nonce,
+            sig,
+        ).build_transaction(
+            {"from": relayer.address, "nonce": chain.w3.eth.get_transaction_count(relayer.address)}
+        )
         tx_hash = chain._send(relayer, dict(tx))
     assert chain.receipt(tx_hash)["status"] == 1
     assert chain.token_balance(usdc, merchant) == 3_000
@@ -268,12 +376,26 @@ def test_token_accepts_bytes_signature_form_and_receive(chain: EvmChain, usdc: s
 
     # receiveWithAuthorization: only the payee may submit it.
     payee = chain.new_account()
-    auth, sig = _sign_authorization(usdc, payer, payee.address, 4_000,
-                                    domain_chain_id=chain.chain_id,
-                                    primary="ReceiveWithAuthorization")
+    auth, sig = _sign_authorization(
+        usdc,
+        payer,
+        payee.address,
+        4_000,
+        domain_chain_id=chain.chain_id,
+        primary="ReceiveWithAuthorization",
+    )
     v, r, s = sig[64], sig[:32], sig[32:64]
-    args = (auth.from_address, auth.to, auth.value, auth.valid_after, auth.valid_before,
-            auth.nonce, v, r, s)
+    args = (
+        auth.from_address,
+        auth.to,
+        auth.value,
+        auth.valid_after,
+        auth.valid_before,
+        auth.nonce,
+        v,
+        r,
+        s,
+    )
     bad = chain._call_tx(relayer, usdc, "receiveWithAuthorization", *args, gas=200_000)
     assert chain.receipt(bad)["status"] == 0
     good = chain._call_tx(payee, usdc, "receiveWithAuthorization", *args)

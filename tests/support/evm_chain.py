@@ -90,19 +90,28 @@ class EvmChain:
         method = request.get("method")
         params = request.get("params") or []
         if not isinstance(method, str):
-            return {"jsonrpc": "2.0", "id": req_id,
-                    "error": {"code": -32600, "message": "invalid request"}}
+            return {
+                "jsonrpc": "2.0",
+                "id": req_id,
+                "error": {"code": -32600, "message": "invalid request"},
+            }
         try:
             with self.lock:
                 response = self._rpc_fn(method, params)
         except TransactionFailed as exc:
             reason = str(exc.args[0]) if exc.args else "execution reverted"
             plain = reason.removeprefix("execution reverted: ")
-            return {"jsonrpc": "2.0", "id": req_id,
-                    "error": {"code": 3, "message": reason, "data": _revert_data(plain)}}
+            return {
+                "jsonrpc": "2.0",
+                "id": req_id,
+                "error": {"code": 3, "message": reason, "data": _revert_data(plain)},
+            }
         except Exception as exc:  # noqa: BLE001 - any node-side failure is a JSON-RPC error
-            return {"jsonrpc": "2.0", "id": req_id,
-                    "error": {"code": -32000, "message": f"{type(exc).__name__}: {exc}"}}
+            return {
+                "jsonrpc": "2.0",
+                "id": req_id,
+                "error": {"code": -32000, "message": f"{type(exc).__name__}: {exc}"},
+            }
         out: dict[str, Any] = {"jsonrpc": "2.0", "id": req_id}
         if "error" in response:
             out["error"] = response["error"]
@@ -139,37 +148,52 @@ class EvmChain:
             return "0x" + bytes(tx_hash).hex()
 
     def send_native(self, sender: LocalAccount, to: str, amount_wei: int) -> str:
-        return self._send(sender, {"to": to_checksum_address(to), "value": amount_wei,
-                                   "gas": 21000})
+        return self._send(
+            sender, {"to": to_checksum_address(to), "value": amount_wei, "gas": 21000}
+        )
 
     def token(self, address: str) -> Any:
-        return self.w3.eth.contract(address=to_checksum_address(address),
-                                    abi=self._artifact["abi"])
+        return self.w3.eth.contract(address=to_checksum_address(address), abi=self._artifact["abi"])
 
-    def deploy_token(self, name: str = "USD Coin", version: str = "2",
-                     domain_chain_id: int | None = None, symbol: str = "USDC") -> str:
+    def deploy_token(
+        self,
+        name: str = "USD Coin",
+        version: str = "2",
+        domain_chain_id: int | None = None,
+        symbol: str = "USDC",
+    ) -> str:
         """Deploy an EIP3009Token owned by ``deployer``; returns its checksum address.
 
         ``domain_chain_id`` pins the EIP-712 domain chain id (default: this chain's).
         """
         with self.lock:
-            factory = self.w3.eth.contract(abi=self._artifact["abi"],
-                                           bytecode=self._artifact["bytecode"])
+            factory = self.w3.eth.contract(
+                abi=self._artifact["abi"], bytecode=self._artifact["bytecode"]
+            )
             tx = factory.constructor(
-                name, symbol, version,
+                name,
+                symbol,
+                version,
                 self.chain_id if domain_chain_id is None else domain_chain_id,
-            ).build_transaction({"from": self.deployer.address, "nonce":
-                                 self.w3.eth.get_transaction_count(self.deployer.address)})
+            ).build_transaction(
+                {
+                    "from": self.deployer.address,
+                    "nonce": self.w3.eth.get_transaction_count(self.deployer.address),
+                }
+            )
             tx_hash = self._send(self.deployer, dict(tx))
             receipt = self.w3.eth.get_transaction_receipt(tx_hash)
             assert receipt["status"] == 1, "token deployment failed"
             return to_checksum_address(receipt["contractAddress"])
 
-    def _call_tx(self, sender: LocalAccount, token: str, fn: str, *args: Any,
-                 gas: int | None = None) -> str:
+    def _call_tx(
+        self, sender: LocalAccount, token: str, fn: str, *args: Any, gas: int | None = None
+    ) -> str:
         with self.lock:
-            params: dict[str, Any] = {"from": sender.address,
-                                      "nonce": self.w3.eth.get_transaction_count(sender.address)}
+            params: dict[str, Any] = {
+                "from": sender.address,
+                "nonce": self.w3.eth.get_transaction_count(sender.address),
+            }
             if gas is not None:
                 # A fixed gas limit skips estimation, which would refuse a
                 # reverting call: this is how tests put a failed tx on chain.
@@ -180,11 +204,11 @@ class EvmChain:
     def mint(self, token: str, to: str, amount: int) -> str:
         return self._call_tx(self.deployer, token, "mint", to_checksum_address(to), amount)
 
-    def transfer_token(self, token: str, sender: LocalAccount, to: str, amount: int, *,
-                       gas: int | None = None) -> str:
+    def transfer_token(
+        self, token: str, sender: LocalAccount, to: str, amount: int, *, gas: int | None = None
+    ) -> str:
         """ERC-20 ``transfer``; with ``gas`` set, a reverting transfer is still mined."""
-        return self._call_tx(sender, token, "transfer", to_checksum_address(to), amount,
-                             gas=gas)
+        return self._call_tx(sender, token, "transfer", to_checksum_address(to), amount, gas=gas)
 
     def token_balance(self, token: str, owner: str) -> int:
         with self.lock:
@@ -192,8 +216,11 @@ class EvmChain:
 
     def authorization_state(self, token: str, authorizer: str, nonce: bytes) -> bool:
         with self.lock:
-            return bool(self.token(token).functions.authorizationState(
-                to_checksum_address(authorizer), nonce).call())
+            return bool(
+                self.token(token)
+                .functions.authorizationState(to_checksum_address(authorizer), nonce)
+                .call()
+            )
 
     def receipt(self, tx_hash: str) -> Any:
         with self.lock:
@@ -221,22 +248,52 @@ class EvmChain:
             self.tester.time_travel(timestamp)
 
 
-def eip3009_digest(token: str, *, name: str, version: str, domain_chain_id: int,
-                   from_: str, to: str, value: int, valid_after: int, valid_before: int,
-                   nonce: bytes, primary: str = "TransferWithAuthorization") -> bytes:
+def eip3009_digest(
+    token: str,
+    *,
+    name: str,
+    version: str,
+    domain_chain_id: int,
+    from_: str,
+    to: str,
+    value: int,
+    valid_after: int,
+    valid_before: int,
+    nonce: bytes,
+    primary: str = "TransferWithAuthorization",
+) -> bytes:
     """The EIP-712 digest the token checks; for tests that hand-sign authorizations."""
-    domain_typehash = keccak(text="EIP712Domain(string name,string version,uint256 chainId,"
-                                  "address verifyingContract)")
-    domain = keccak(abi_encode(
-        ["bytes32", "bytes32", "bytes32", "uint256", "address"],
-        [domain_typehash, keccak(text=name), keccak(text=version), domain_chain_id,
-         to_checksum_address(token)],
-    ))
-    typehash = keccak(text=f"{primary}(address from,address to,uint256 value,"
-                           "uint256 validAfter,uint256 validBefore,bytes32 nonce)")
-    struct = keccak(abi_encode(
-        ["bytes32", "address", "address", "uint256", "uint256", "uint256", "bytes32"],
-        [typehash, to_checksum_address(from_), to_checksum_address(to), value, valid_after,
-         valid_before, nonce],
-    ))
+    domain_typehash = keccak(
+        text="EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)"
+    )
+    domain = keccak(
+        abi_encode(
+            ["bytes32", "bytes32", "bytes32", "uint256", "address"],
+            [
+                domain_typehash,
+                keccak(text=name),
+                keccak(text=version),
+                domain_chain_id,
+                to_checksum_address(token),
+            ],
+        )
+    )
+    typehash = keccak(
+        text=f"{primary}(address from,address to,uint256 value,"
+        "uint256 validAfter,uint256 validBefore,bytes32 nonce)"
+    )
+    struct = keccak(
+        abi_encode(
+            ["bytes32", "address", "address", "uint256", "uint256", "uint256", "bytes32"],
+            [
+                typehash,
+                to_checksum_address(from_),
+                to_checksum_address(to),
+                value,
+                valid_after,
+                valid_before,
+                nonce,
+            ],
+        )
+    )
     return keccak(b"\x19\x01" + domain + struct)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 
 from tests.support.evm_chain import EvmChain
 
@@ -34,34 +34,47 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"  # keep-alive, as web3's aiohttp session expects
 
-    def do_POST(self) -> None:  # noqa: N802 - stdlib naming
+    def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         if length <= 0 or length > _MAX_BODY:
-            self._reply(400, {"jsonrpc": "2.0", "id": None,
-                              "error": {"code": -32600, "message": "bad body"}})
+            self._reply(
+                400,
+                {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": "bad body"}},
+            )
             return
         raw = self.rfile.read(length)
         try:
             request = json.loads(raw)
         except ValueError:
-            self._reply(200, {"jsonrpc": "2.0", "id": None,
-                              "error": {"code": -32700, "message": "parse error"}})
+            self._reply(
+                200,
+                {"jsonrpc": "2.0", "id": None, "error": {"code": -32700, "message": "parse error"}},
+            )
             return
         chain = self.server.chain
         if isinstance(request, list):
-            body: Any = [chain.rpc(r) if isinstance(r, dict) else
-                         {"jsonrpc": "2.0", "id": None,
-                          "error": {"code": -32600, "message": "invalid request"}}
-                         for r in request]
+            body: Any = [
+                chain.rpc(r)
+                if isinstance(r, dict)
+                else {
+                    "jsonrpc": "2.0",
+                    "id": None,
+                    "error": {"code": -32600, "message": "invalid request"},
+                }
+                for r in request
+            ]
         elif isinstance(request, dict):
             body = chain.rpc(request)
         else:
-            body = {"jsonrpc": "2.0", "id": None,
-                    "error": {"code": -32600, "message": "invalid request"}}
+            body = {
+                "jsonrpc": "2.0",
+                "id": None,
+                "error": {"code": -32600, "message": "invalid request"},
+            }
         self.server.requests_served += 1
         self._reply(200, body)
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         # Health check for a parent process waiting for the node to come up.
         self._reply(200, {"ok": True})
 
@@ -73,7 +86,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         # Quiet: pytest output is for failures.
         pass
 
@@ -109,13 +122,15 @@ class JsonRpcServer:
     def requests_served(self) -> int:
         return self._server.requests_served if self._server else 0
 
-    def start(self) -> JsonRpcServer:
+    def start(self) -> Self:
         if self._server is not None:
             return self
         self._server = _Server(self.chain, self._host, self._port)
         self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-            name="evm-jsonrpc", daemon=True,
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="evm-jsonrpc",
+            daemon=True,
         )
         self._thread.start()
         return self
@@ -130,7 +145,7 @@ class JsonRpcServer:
         self._server = None
         self._thread = None
 
-    def __enter__(self) -> JsonRpcServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -144,8 +159,13 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--token-domain-chain-id", type=int, action="append", default=[],
-                        help="also deploy a token whose EIP-712 domain pins this chain id")
+    parser.add_argument(
+        "--token-domain-chain-id",
+        type=int,
+        action="append",
+        default=[],
+        help="also deploy a token whose EIP-712 domain pins this chain id",
+    )
     args = parser.parse_args()
 
     chain = EvmChain()
@@ -153,13 +173,18 @@ def main() -> None:
     for cid in args.token_domain_chain_id:
         tokens[str(cid)] = chain.deploy_token(domain_chain_id=cid)
     server = JsonRpcServer(chain, port=args.port).start()
-    print(json.dumps({
-        "url": server.url,
-        "chain_id": chain.chain_id,
-        "tokens": tokens,
-        "deployer": chain.deployer.address,
-        "accounts": [{"address": a.address, "key": a.key.hex()} for a in chain.accounts],
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "url": server.url,
+                "chain_id": chain.chain_id,
+                "tokens": tokens,
+                "deployer": chain.deployer.address,
+                "accounts": [{"address": a.address, "key": a.key.hex()} for a in chain.accounts],
+            }
+        ),
+        flush=True,
+    )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
