@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -409,3 +410,86 @@ def test_only_owner_mints(chain: EvmChain, usdc: str) -> None:
     assert chain.receipt(tx)["status"] == 0
     assert chain.token_balance(usdc, stranger.address) == 0
     assert chain.token(usdc).functions.decimals().call() == 6
+
+
+_OTHER_PROCESS = r"""
+import asyncio, json, sys
+from billing.rails.evm import EvmClient
+
+async def main(url, token, owner, hashes, pay_to):
+    c = EvmClient(url, poll_interval=0.02)
+    out = {"meta": (await c.token_metadata(token)).name, "verified": []}
+    for _ in range(20):  # hammer the node while the test process writes to the chain
+        out["balance"] = await c.token_balance(token, owner)
+    for h in hashes:
+        t = await c.verify_token_transfer(h, token=token, pay_to=pay_to, min_amount=1,
+                                          not_before_unix=0, min_confirmations=1)
+        out["verified"].append(t.amount)
+    await c.close()
+    print(json.dumps(out))
+
+asyncio.run(main(*json.loads(sys.argv[1])))
+"""
+
+
+async def test_node_serves_another_process_concurrently(
+    node: JsonRpcServer, chain: EvmChain, usdc: str, payer: LocalAccount, merchant: str
+) -> None:
+    import asyncio
+    import json
+    import sys
+
+    hashes = [chain.transfer_token(usdc, payer, merchant, 100 + i) for i in range(3)]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _OTHER_PROCESS,
+        json.dumps([node.url, usdc, payer.address, hashes, merchant]),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=str(Path(__file__).resolve().parents[2]),
+    )
+    # Meanwhile this process keeps writing to the same chain through the lock.
+    other = chain.new_account()
+    for _ in range(10):
+        chain.mint(usdc, other.address, 1)
+        await asyncio.sleep(0)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
+    assert proc.returncode == 0, err.decode()
+    result = json.loads(out)
+    assert result["meta"] == TOKEN_NAME
+    assert result["verified"] == [100, 101, 102]
+    assert chain.token_balance(usdc, other.address) == 10
+
+
+def test_node_runs_as_its_own_process() -> None:
+    """``python -m tests.support.jsonrpc_server`` for a proxy started outside pytest."""
+    import asyncio
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.support.jsonrpc_server", "--token-domain-chain-id", "84532"],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        info = json.loads(proc.stdout.readline())
+        assert set(info["tokens"]) == {str(info["chain_id"]), "84532"}
+
+        async def check() -> tuple[int, str]:
+            c = EvmClient(info["url"], expected_chain_id=info["chain_id"])
+            try:
+                meta = await c.token_metadata(info["tokens"]["84532"])
+                return await c.chain_id(), meta.version
+            finally:
+                await c.close()
+
+        assert asyncio.run(check()) == (info["chain_id"], "2")
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=10) == 0
