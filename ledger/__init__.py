@@ -1,1 +1,1 @@
-
+"""The system of record: stores, migrations, the journal, the group-commit writer."""

@@ -1,0 +1,224 @@
+"""Tollway settings: defaults < TOML file < TOLLWAY_* environment variables.
+
+Every setting is declared once in ``FIELDS`` with its type and check, so the
+TOML file, the environment and the README table all speak the same names. An
+invalid value raises ``SettingsError`` naming the setting; the CLI turns that
+into exit code 2 with one line on stderr.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+ENV_PREFIX = "TOLLWAY_"
+
+
+class SettingsError(ValueError):
+    def __init__(self, name: str, message: str):
+        super().__init__(f"invalid setting {name}: {message}")
+        self.setting = name
+
+
+def _bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected a boolean, got {v!r}")
+
+
+def _list(v: Any) -> list[str]:
+    if isinstance(v, list):
+        return [str(x) for x in v]
+    return [p.strip() for p in str(v).split(",") if p.strip()]
+
+
+def _int_list(v: Any) -> list[int]:
+    return [int(x) for x in _list(v)]
+
+
+def _opt_str(v: Any) -> str | None:
+    if v is None:
+        return None
+    s = str(v)
+    return s or None
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    database_url: str = "sqlite:///./data/tollway.db"
+    redis_url: str | None = None
+    max_body_bytes: int = 10 * 1024 * 1024
+    upstream_connect_timeout: float = 5.0
+    upstream_read_timeout: float = 30.0
+    upstream_pool_size: int = 512
+    allow_private_upstreams: bool = False
+    cors_origins: list[str] = field(default_factory=list)
+    admin_key: str | None = None
+    # Per client IP, requests per minute; 0 turns the per-IP limit off.
+    ip_rate_limit: int = 1200
+    # Whether X-Forwarded-For from the peer is trusted for the client IP (behind a load balancer).
+    trust_forwarded_for: bool = False
+    # With Redis down: "local" keeps limiting in this process (never unlimited); "closed" refuses.
+    redis_down_policy: str = "local"
+    default_asset: str = "USDC"
+    asset_decimals: int = 6
+    platform_fee_bps: int = 1000
+    # Fee schedule by provider month since registration (the growth program), in basis points;
+    # month 1 uses the first entry, later months the last. Empty means platform_fee_bps always.
+    fee_schedule_bps: list[int] = field(default_factory=list)
+    hold_ttl_seconds: int = 120
+    key_cache_ttl_seconds: float = 30.0
+    service_cache_ttl_seconds: float = 5.0
+    idempotency_window_seconds: int = 24 * 3600
+    ledger_batch_max: int = 512
+    receipts_dir: str = "./data/receipts"
+    log_level: str = "info"
+    # Payment rails (402 issue); empty means the rail is off.
+    evm_rpc_url: str | None = None
+    evm_chain_id: int = 0
+    evm_token_address: str | None = None
+    evm_pay_to: str | None = None
+    evm_gas_private_key: str | None = None
+    evm_confirmations: int = 1
+    x402_facilitator_url: str | None = None
+    invoice_ttl_seconds: int = 900
+    invoice_mint_rate_limit: int = 120
+    cardano_backend_url: str | None = None
+    cardano_project_id: str | None = None
+    cardano_pay_to: str | None = None
+    cardano_network: str = "testnet"
+    cardano_confirmations: int = 1
+    stripe_api_key: str | None = None
+    stripe_webhook_secret: str | None = None
+    stripe_api_base: str | None = None
+    webhook_allow_http: bool = False
+
+    def replace(self, **changes: Any) -> "Settings":
+        return validate(dataclasses.replace(self, **changes))
+
+    @property
+    def storage_kind(self) -> str:
+        return "postgres" if self.database_url.startswith(("postgres://", "postgresql://")) else "sqlite"
+
+
+_PARSERS: dict[str, Callable[[Any], Any]] = {}
+for _f in dataclasses.fields(Settings):
+    t = str(_f.type)
+    if t == "int":
+        _PARSERS[_f.name] = lambda v: int(str(v).strip())
+    elif t == "float":
+        _PARSERS[_f.name] = lambda v: float(str(v).strip())
+    elif t == "bool":
+        _PARSERS[_f.name] = _bool
+    elif t == "list[str]":
+        _PARSERS[_f.name] = _list
+    elif t == "list[int]":
+        _PARSERS[_f.name] = _int_list
+    elif t == "str | None":
+        _PARSERS[_f.name] = _opt_str
+    else:
+        _PARSERS[_f.name] = lambda v: str(v)
+
+FIELDS = tuple(_PARSERS)
+
+
+def _check(name: str, ok: bool, message: str) -> None:
+    if not ok:
+        raise SettingsError(name, message)
+
+
+def validate(s: Settings) -> Settings:
+    _check("port", 0 <= s.port <= 65535, f"{s.port} is not a TCP port")
+    _check("workers", 1 <= s.workers <= 256, "must be between 1 and 256")
+    _check(
+        "database_url",
+        s.database_url.startswith(("sqlite:///", "postgres://", "postgresql://")),
+        "must start with sqlite:///, postgres:// or postgresql://",
+    )
+    _check(
+        "redis_url",
+        s.redis_url is None or s.redis_url.startswith(("redis://", "rediss://", "unix://")),
+        "must start with redis://, rediss:// or unix://",
+    )
+    _check("max_body_bytes", s.max_body_bytes > 0, "must be positive")
+    _check("upstream_connect_timeout", s.upstream_connect_timeout > 0, "must be positive")
+    _check("upstream_read_timeout", s.upstream_read_timeout > 0, "must be positive")
+    _check("upstream_pool_size", s.upstream_pool_size > 0, "must be positive")
+    _check("ip_rate_limit", s.ip_rate_limit >= 0, "must be >= 0 (0 turns it off)")
+    _check("redis_down_policy", s.redis_down_policy in ("local", "closed"), "must be local or closed")
+    _check("asset_decimals", 0 <= s.asset_decimals <= 18, "must be between 0 and 18")
+    _check("platform_fee_bps", 0 <= s.platform_fee_bps <= 10000, "must be 0..10000 basis points")
+    _check(
+        "fee_schedule_bps",
+        all(0 <= b <= 10000 for b in s.fee_schedule_bps),
+        "every rate must be 0..10000 basis points",
+    )
+    # A hold must outlive the longest upstream call, or a slow but successful call
+    # would find its hold already expired and go uncharged.
+    _check(
+        "hold_ttl_seconds",
+        s.hold_ttl_seconds > s.upstream_connect_timeout + s.upstream_read_timeout,
+        "must exceed upstream_connect_timeout + upstream_read_timeout",
+    )
+    _check("ledger_batch_max", 1 <= s.ledger_batch_max <= 10000, "must be 1..10000")
+    _check(
+        "admin_key",
+        s.admin_key is None or (":" in s.admin_key and all(s.admin_key.split(":", 1))),
+        "must be key_id:secret",
+    )
+    _check("log_level", s.log_level in ("debug", "info", "warning", "error"), "debug|info|warning|error")
+    _check("evm_confirmations", s.evm_confirmations >= 0, "must be >= 0")
+    _check("invoice_ttl_seconds", s.invoice_ttl_seconds > 0, "must be positive")
+    return s
+
+
+def _apply(values: dict[str, Any], source: Mapping[str, Any], origin: str) -> None:
+    for name, raw in source.items():
+        if name not in _PARSERS:
+            raise SettingsError(name, f"unknown setting (from {origin})")
+        try:
+            values[name] = _PARSERS[name](raw)
+        except (TypeError, ValueError) as exc:
+            raise SettingsError(name, f"{raw!r} ({origin}): {exc}") from None
+
+
+def load(
+    config_file: str | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build the settings; ``overrides`` (CLI flags) win over everything."""
+    values: dict[str, Any] = {}
+    if config_file:
+        try:
+            with open(config_file, "rb") as fh:
+                data = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise SettingsError("config", f"cannot read {config_file}: {exc}") from None
+        # Allow a [tollway] table or top-level keys.
+        _apply(values, data.get("tollway", data), config_file)
+    env = os.environ if env is None else env
+    from_env = {
+        k[len(ENV_PREFIX):].lower(): v
+        for k, v in env.items()
+        if k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX):].lower() in _PARSERS
+    }
+    _apply(values, from_env, "environment")
+    if overrides:
+        _apply(values, {k: v for k, v in overrides.items() if v is not None}, "command line")
+    try:
+        s = Settings(**values)
+    except TypeError as exc:  # pragma: no cover - guarded by _apply
+        raise SettingsError("config", str(exc)) from None
+    return validate(s)

@@ -1,0 +1,224 @@
+"""The ``tollway`` command: serve, migrate, demo, ledger verify, receipt verify."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Sequence
+
+from config import Settings, SettingsError, load
+
+
+def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
+    overrides = {
+        "host": getattr(args, "host", None),
+        "port": getattr(args, "port", None),
+        "workers": getattr(args, "workers", None),
+        "database_url": getattr(args, "database_url", None),
+    }
+    overrides.update(extra)
+    return load(getattr(args, "config", None), overrides=overrides)
+
+
+def _run(coro: Any) -> Any:
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.run(coro)
+
+
+# --------------------------------------------------------------------------- serve
+
+
+async def _serve_one(settings: Settings, *, reuse_port: bool) -> None:
+    from aiohttp import web
+
+    from proxy.app import create_app
+
+    app = create_app(settings)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=30)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port, backlog=2048)
+    await site.start()
+    logging.getLogger("tollway").info(
+        "tollway %s listening on http://%s:%d (storage %s, redis %s)",
+        os.getpid(), settings.host, settings.port, settings.storage_kind, settings.redis_url or "absent",
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runner.cleanup()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.worker_child or settings.workers == 1:
+        _run(_serve_one(settings, reuse_port=args.worker_child))
+        return 0
+    return _supervise(settings, args)
+
+
+def _supervise(settings: Settings, args: argparse.Namespace) -> int:
+    """Run N worker processes on one port (SO_REUSEPORT); restart any that dies."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="tollway-metrics-")
+    _run(_migrate(settings))  # once, before workers race for it
+    argv = [sys.executable, "-m", "proxy.cli", "serve", "--worker-child"]
+    for flag in ("config", "host", "port", "database_url"):
+        v = getattr(args, flag, None)
+        if v is not None:
+            argv += [f"--{flag.replace('_', '-')}", str(v)]
+    children: list[subprocess.Popen[bytes]] = [subprocess.Popen(argv) for _ in range(settings.workers)]
+    stopping = False
+
+    def _stop(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        for c in children:
+            if c.poll() is None:
+                c.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    while True:
+        if stopping:
+            for c in children:
+                try:
+                    c.wait(timeout=35)
+                except subprocess.TimeoutExpired:
+                    c.kill()
+            return 0
+        for i, c in enumerate(children):
+            if c.poll() is not None and not stopping:
+                logging.getLogger("tollway").warning("worker %d exited with %s; restarting", c.pid, c.returncode)
+                time.sleep(0.5)
+                children[i] = subprocess.Popen(argv)
+        time.sleep(0.2)
+
+
+# --------------------------------------------------------------------------- migrate, ledger
+
+
+async def _migrate(settings: Settings) -> list[int]:
+    from ledger.db import open_store
+
+    store = open_store(settings.database_url)
+    await store.connect()
+    try:
+        return await store.migrate()
+    finally:
+        await store.close()
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    done = _run(_migrate(settings))
+    print(f"applied migrations: {done}" if done else "schema is up to date")
+    return 0
+
+
+async def _verify(settings: Settings) -> Any:
+    from ledger.db import open_store
+    from ledger.verify import verify
+
+    store = open_store(settings.database_url)
+    await store.connect()
+    try:
+        await store.migrate()
+        return await verify(store)
+    finally:
+        await store.close()
+
+
+def cmd_ledger_verify(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    report = _run(_verify(settings))
+    print(report.render())
+    return 0 if report.ok else 1
+
+
+def cmd_receipt_verify(args: argparse.Namespace, rest: Sequence[str]) -> int:
+    from billing.receipts import receipt_verify_main
+
+    return receipt_verify_main(list(rest))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from proxy.demo import run_demo
+
+    return _run(run_demo(args))
+
+
+# --------------------------------------------------------------------------- entry
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML settings file")
+    p.add_argument("--database-url", dest="database_url")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="tollway", description="Tollway, a payment-metering reverse proxy")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the proxy")
+    _common(s)
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--workers", type=int)
+    s.add_argument("--worker-child", action="store_true", help=argparse.SUPPRESS)
+
+    m = sub.add_parser("migrate", help="apply database migrations")
+    _common(m)
+
+    d = sub.add_parser("demo", help="run a demo upstream, service and key, and print a curl line")
+    _common(d)
+    d.add_argument("--port", type=int, default=8000)
+    d.add_argument("--once", action="store_true", help="make one metered call, print it, and exit")
+
+    lg = sub.add_parser("ledger", help="ledger tools")
+    lsub = lg.add_subparsers(dest="ledger_command", required=True)
+    v = lsub.add_parser("verify", help="check the ledger's invariants; exit 1 on any violation")
+    _common(v)
+
+    r = sub.add_parser("receipt", help="receipt tools")
+    rsub = r.add_subparsers(dest="receipt_command", required=True)
+    rsub.add_parser("verify", help="verify a receipt offline: tollway receipt verify RECEIPT --keys FILE|URL",
+                    add_help=False)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["receipt", "verify"]:
+        return cmd_receipt_verify(argparse.Namespace(), argv[2:])
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return cmd_serve(args)
+        if args.command == "migrate":
+            return cmd_migrate(args)
+        if args.command == "demo":
+            return cmd_demo(args)
+        if args.command == "ledger":
+            return cmd_ledger_verify(args)
+    except SettingsError as e:
+        print(f"tollway: {e}", file=sys.stderr)
+        return 2
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

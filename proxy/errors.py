@@ -1,0 +1,101 @@
+"""The JSON error shape at the edge, and the middleware that guarantees it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+from billing.errors import BillingError
+
+log = logging.getLogger("tollway")
+
+REQUEST_ID = "X-Request-Id"
+
+_REASONS = {
+    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+    405: "method_not_allowed", 409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type",
+    422: "unprocessable", 429: "rate_limited", 500: "internal_error", 502: "bad_gateway",
+    504: "gateway_timeout",
+}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, *, headers: dict[str, str] | None = None, **extra: Any):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.headers = headers or {}
+        self.extra = extra
+
+
+def error_response(
+    status: int, code: str, message: str, *, headers: dict[str, str] | None = None, **extra: Any
+) -> web.Response:
+    err: dict[str, Any] = {"code": code, "message": message}
+    err.update({k: v for k, v in extra.items() if v is not None})
+    return web.Response(
+        status=status, text=json.dumps({"error": err}), content_type="application/json", headers=headers
+    )
+
+
+def request_id(request: web.Request) -> str:
+    rid = request.get("request_id")
+    if rid is None:
+        rid = request.headers.get(REQUEST_ID)
+        if not rid or len(rid) > 128:
+            rid = os.urandom(12).hex()
+        request["request_id"] = rid
+    return rid
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    rid = request_id(request)
+    try:
+        resp = await handler(request)
+    except ApiError as e:
+        resp = error_response(e.status, e.code, e.message, headers=e.headers, **e.extra)
+    except BillingError as e:
+        extra = {}
+        if getattr(e, "usage_id", None):
+            extra["usage_id"] = e.usage_id  # type: ignore[attr-defined]
+        resp = error_response(e.status, e.code, e.message, **extra)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        code = _REASONS.get(e.status, "error")
+        msg = e.text if e.text and not e.text.startswith(f"{e.status}:") else (e.reason or code)
+        resp = error_response(e.status, code, msg, headers={k: v for k, v in e.headers.items() if k.lower() in ("allow", "retry-after")})
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        resp = error_response(500, "internal_error", "internal error", request_id=rid)
+    if not resp.prepared:
+        resp.headers[REQUEST_ID] = rid
+    return resp
+
+
+async def read_json(request: web.Request, max_bytes: int = 1 << 20) -> dict[str, Any]:
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise ApiError(413, "payload_too_large", f"JSON body over {max_bytes} bytes")
+    raw = await request.content.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise ApiError(413, "payload_too_large", f"JSON body over {max_bytes} bytes")
+    if not raw:
+        return {}
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "invalid_json", "request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "invalid_json", "request body must be a JSON object")
+    return data
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, text=json.dumps(data), content_type="application/json")

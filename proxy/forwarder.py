@@ -1,0 +1,306 @@
+"""The hot path: ANY /api/v1/proxy/{service_id}/{path}.
+
+Order of work, cheapest refusal first: service (cached), key (cached), rate
+limits (one Redis round trip, shared with concurrent requests), path and size
+checks, then the billing decision (one share of a group commit), then the
+upstream call through the shared pooled session. Bodies stream both ways and
+are never read whole; billing headers go out before the first body byte.
+
+Money rule: the hold is captured only when the upstream answered below 500
+and the client was still there when the headers came; on any failure before
+that it is voided.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from typing import Any, AsyncIterator
+from urllib.parse import unquote
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from billing.errors import PaymentRequired
+from billing.metering import Ticket
+from billing.money import format_amount
+from config.netpolicy import AddressForbidden
+from ledger.journal import new_id
+from proxy import metrics
+from proxy.errors import REQUEST_ID, ApiError, request_id
+from proxy.ratelimit import Limit
+from proxy.runtime import RT, Runtime
+
+log = logging.getLogger("tollway.proxy")
+
+HOP_BY_HOP = frozenset(
+    ("connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+     "trailers", "transfer-encoding", "upgrade", "proxy-connection")
+)
+# Never forwarded upstream: the buyer's credentials and payment material are for us only.
+PRIVATE_REQUEST = HOP_BY_HOP | frozenset(
+    ("host", "authorization", "api-key", "x-payment", "payment-signature", "x-invoice-id",
+     "x-wallet-address", "x-forwarded-for", "x-forwarded-proto", "x-request-id", "content-length")
+)
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class _Body:
+    """Streams the request body upstream, counting and enforcing the size limit."""
+
+    __slots__ = ("content", "limit", "count", "too_large")
+
+    def __init__(self, content: Any, limit: int):
+        self.content, self.limit, self.count, self.too_large = content, limit, 0, False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:  # type: ignore[override]
+        async for chunk in self.content.iter_chunked(65536):
+            self.count += len(chunk)
+            if self.count > self.limit:
+                self.too_large = True
+                raise BodyTooLarge()
+            yield chunk
+
+
+def tail_of(raw_path: str) -> str:
+    """The still-encoded path after /proxy/{service_id}/."""
+    q = raw_path.find("?")
+    path = raw_path if q < 0 else raw_path[:q]
+    i = path.find("/proxy/")
+    rest = path[i + 7:]
+    slash = rest.find("/")
+    return "" if slash < 0 else rest[slash + 1:]
+
+
+def escapes(tail: str) -> bool:
+    """True when the tail could climb out of the service's base path once an
+    upstream decodes it, however many times (%2e%2e, %252e%252e, backslashes)."""
+    seen = tail
+    for _ in range(4):
+        parts = seen.replace("\\", "/").split("/")
+        if any(p in ("..", ".") for p in parts) or "\x00" in seen:
+            return True
+        nxt = unquote(seen)
+        if nxt == seen:
+            return False
+        seen = nxt
+    return True  # still changing after four decodings: refuse rather than guess
+
+
+def client_ip(request: web.Request, trust_forwarded: bool) -> str:
+    if trust_forwarded:
+        xff = request.headers.get("X-Forwarded-For")
+        if xff:
+            return xff.rsplit(",", 1)[-1].strip()
+    return request.remote or "unknown"
+
+
+def upstream_headers(request: web.Request, ip: str, rid: str) -> CIMultiDict[str]:
+    drop = PRIVATE_REQUEST
+    conn = request.headers.get("Connection")
+    if conn:
+        drop = drop | {t.strip().lower() for t in conn.split(",")}
+    out: CIMultiDict[str] = CIMultiDict()
+    for k, v in request.headers.items():
+        if k.lower() not in drop:
+            out.add(k, v)
+    prior = request.headers.get("X-Forwarded-For")
+    out["X-Forwarded-For"] = f"{prior}, {ip}" if prior else ip
+    out["X-Forwarded-Proto"] = request.scheme
+    out[REQUEST_ID] = rid
+    if request.content_length is not None:
+        out["Content-Length"] = str(request.content_length)
+    return out
+
+
+async def proxy_handler(request: web.Request) -> web.StreamResponse:
+    rt: Runtime = request.app[RT]
+    t0 = time.perf_counter()
+    rid = request_id(request)
+    sid = request.match_info["service_id"]
+
+    key = await rt.keys.authenticate(request, required=False)
+    svc = await rt.services.get(sid)
+    if svc is None or svc.status == "removed":
+        raise ApiError(404, "service_not_found", f"no service {sid}")
+    if svc.status == "paused":
+        raise ApiError(409, "service_paused", "this service is paused by its provider")
+    if key is None and not (svc.allow_anonymous and rt.payments is not None):
+        raise ApiError(401, "unauthorized", "missing API key")
+
+    ip = client_ip(request, rt.settings.trust_forwarded_for)
+    limits = []
+    if key is not None:
+        limits.append(Limit("key", "k:" + key.key_id, key.rate_limit))
+    if rt.settings.ip_rate_limit:
+        limits.append(Limit("ip", "ip:" + ip, rt.settings.ip_rate_limit))
+    decision = await rt.limiter.check(limits)
+    if not decision.allowed:
+        metrics.RATE_LIMITED.labels(decision.limit.name if decision.limit else "?").inc()
+        raise ApiError(429, "rate_limited", "rate limit exceeded", headers=decision.headers())
+
+    tail = tail_of(request.raw_path)
+    if escapes(tail):
+        raise ApiError(400, "invalid_path", "the path may not leave the service's base path")
+    if request.content_length is not None and request.content_length > rt.settings.max_body_bytes:
+        raise ApiError(413, "payload_too_large", f"request body over {rt.settings.max_body_bytes} bytes")
+    target = rt.services.target(svc)
+    if target.forbidden:
+        raise ApiError(502, "upstream_forbidden", target.forbidden)
+
+    usage_id = new_id("use")
+    idem = request.headers.get("Idempotency-Key")
+    if idem is not None and not (0 < len(idem) <= 255):
+        raise ApiError(400, "invalid_idempotency_key", "Idempotency-Key must be 1..255 characters")
+
+    paid = None
+    if key is None or (rt.payments is not None and rt.payments.carries_payment(request)):
+        # A payment carried on this request (x402 header or invoice): the payments layer decides.
+        paid = await rt.payments.accept(request, svc, key, usage_id)  # type: ignore[union-attr]
+        ticket = paid.ticket
+    else:
+        try:
+            ticket = await rt.meter.begin(key.owner_id, svc, usage_id, idem)
+        except PaymentRequired as exc:
+            metrics.REQUESTS.labels(svc.id, "payment_required").inc()
+            if rt.payments is not None:
+                return await rt.payments.payment_required(request, svc, key, str(exc))
+            raise
+
+    q = request.raw_path.find("?")
+    url = target.base + tail + (request.raw_path[q:] if q >= 0 else "")
+    body = _Body(request.content, rt.settings.max_body_bytes) if request.body_exists else None
+    t_up = time.perf_counter()
+    try:
+        up = await rt.session.request(
+            request.method, URL(url, encoded=True), headers=upstream_headers(request, ip, rid),
+            data=body, allow_redirects=False,
+        )
+    except BaseException as exc:
+        status, code, msg = _upstream_failure(exc, body)
+        await _settle(rt, request, ticket, paid, None, t_up, body, 0, rid)
+        rt.counters.inc(svc.id, code)
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        raise ApiError(status, code, msg) from None
+
+    latency = time.perf_counter() - t_up
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        # The client left before the upstream answered: nothing is charged.
+        up.release()
+        await _settle(rt, request, ticket, paid, 499, t_up, body, 0, rid, latency=latency)
+        rt.counters.inc(svc.id, "client_gone")
+        return web.Response(status=499)
+
+    served = up.status < 500
+    known_len = up.content_length
+    settle = asyncio.ensure_future(
+        _settle(rt, request, ticket, paid, up.status, t_up, body, known_len or 0, rid, latency=latency)
+    )
+    resp = web.StreamResponse(status=up.status, reason=up.reason)
+    h = resp.headers
+    conn = up.headers.get("Connection")
+    drop = HOP_BY_HOP if not conn else HOP_BY_HOP | {t.strip().lower() for t in conn.split(",")}
+    for k, v in up.headers.items():
+        if k.lower() not in drop:
+            h.add(k, v)
+    charged = ticket.amount if served else 0
+    decimals = rt.settings.asset_decimals
+    h["X-ACF-Usage-Id"] = ticket.usage_id
+    h["X-ACF-Amount"] = format_amount(charged, decimals)
+    h["X-ACF-Free-Tier"] = "true" if ticket.free_tier and served else "false"
+    h["X-ACF-Latency-Ms"] = f"{latency * 1000:.1f}"
+    h[REQUEST_ID] = rid
+    if charged and rt.receipts is not None:
+        h["X-ACF-Receipt"] = _receipt(rt, request, ticket, charged)
+    if paid is not None and paid.response_headers:
+        h.update(paid.response_headers)
+    rt.counters.inc(svc.id, "charged" if charged else ("free" if ticket.free_tier and served else (
+        "upstream_error" if not served else "no_charge")))
+    metrics.UPSTREAM_LATENCY.observe(latency)
+    metrics.OVERHEAD.observe(t_up - t0)
+
+    sent = 0
+    try:
+        await resp.prepare(request)
+        async for chunk in up.content.iter_any():
+            sent += len(chunk)
+            await resp.write(chunk)
+    except (ConnectionResetError, aiohttp.ClientError, asyncio.CancelledError) as exc:
+        # Mid-body failure after the headers: the call was answered and stays charged.
+        log.info("stream %s ended early: %r", ticket.usage_id, exc)
+        up.release()
+        await settle
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        if request.transport is not None:
+            request.transport.close()
+        return resp
+    finally:
+        up.release()
+    await settle
+    if known_len is None or (body is not None and body.count != (request.content_length or body.count)):
+        rt.amend_usage(ticket.usage_id, body.count if body else 0, sent)
+    await resp.write_eof()
+    return resp
+
+
+def _upstream_failure(exc: BaseException, body: _Body | None) -> tuple[int, str, str]:
+    if body is not None and body.too_large:
+        return 413, "payload_too_large", "request body over the limit"
+    if isinstance(exc, asyncio.TimeoutError):
+        return 504, "upstream_timeout", "the upstream did not answer in time"
+    if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(exc.os_error, AddressForbidden):
+        return 502, "upstream_forbidden", "the upstream resolves to a forbidden address"
+    if isinstance(exc, asyncio.CancelledError):
+        return 499, "client_gone", "client disconnected"
+    if isinstance(exc, (aiohttp.ClientError, OSError)):
+        return 502, "upstream_unreachable", "the upstream could not be reached"
+    log.exception("unexpected upstream failure", exc_info=exc)
+    return 502, "upstream_error", "the upstream call failed"
+
+
+async def _settle(
+    rt: Runtime, request: web.Request, ticket: Ticket, paid: Any, status: int | None, t_up: float,
+    body: _Body | None, bytes_out: int, rid: str, *, latency: float | None = None,
+) -> None:
+    outcome = rt.meter.outcome(
+        ticket, upstream_status=status,
+        latency_ms=None if latency is None else round(latency * 1000, 3),
+        bytes_in=request.content_length or (body.count if body else 0),
+        bytes_out=bytes_out, request_id=rid,
+    )
+    try:
+        if paid is not None:
+            charged = await rt.payments.finish(paid, outcome)  # type: ignore[union-attr]
+        else:
+            charged = await rt.meter.finish(outcome)
+    except Exception:
+        # The hold stays pending and the sweeper voids it at expiry: the buyer
+        # is never charged for a call whose record could not be written.
+        log.exception("could not record usage %s", ticket.usage_id)
+        return
+    if charged:
+        metrics.CHARGED.labels(ticket.service.asset).inc(charged)
+        rt.after_charge(ticket, charged)
+
+
+def _receipt(rt: Runtime, request: web.Request, t: Ticket, amount: int) -> str:
+    from billing.receipts import request_hash
+
+    body_hash = None  # the body streams through unread; the receipt binds method, path and query
+    return rt.receipts.sign(  # type: ignore[union-attr]
+        t.usage_id, t.service.id, t.buyer_id, amount, t.service.asset, int(time.time()),
+        request_hash(request.method, request.raw_path, body_hash),
+    )
+
+
+_ = hashlib  # reserved for body hashing once requests carry a digest
