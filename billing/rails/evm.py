@@ -434,8 +434,7 @@ class EvmClient:
                 f"token transfer would revert: {exc}", code="payout_reverted"
             ) from exc
         except (TimeoutError, OSError, Web3Exception, ValueError) as exc:
-            if isinstance(exc, PayoutFailed):
-                raise
+            # Node unreachable, bad address, signing trouble: nothing was paid.
             raise PayoutFailed(f"payout failed: {exc}") from exc
         return sent.tx_hash
 
