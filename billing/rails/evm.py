@@ -434,7 +434,10 @@ class EvmClient:
                 f"token transfer would revert: {exc}", code="payout_reverted"
             ) from exc
         except (TimeoutError, OSError, Web3Exception, ValueError) as exc:
-            # Node unreachable, bad address, signing trouble: nothing was paid.
+            # Bad address or signing trouble means nothing was sent; a transport
+            # error during broadcast may mean it was. Callers must treat a
+            # PayoutFailed other than payout_reverted as "outcome unknown" and
+            # reconcile by the sender's nonce before retrying.
             raise PayoutFailed(f"payout failed: {exc}") from exc
         return sent.tx_hash
 
