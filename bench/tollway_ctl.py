@@ -38,6 +38,8 @@ def http(method: str, url: str, body: dict | None = None, headers: dict | None =
 
 
 def tollway_bin() -> str:
+    if os.environ.get("BENCH_TOLLWAY_BIN"):  # another build, or a stand-in while developing
+        return os.environ["BENCH_TOLLWAY_BIN"]
     cand = ROOT / ".venv" / "bin" / "tollway"
     if cand.exists():
         return str(cand)
