@@ -105,7 +105,11 @@ class Store:
 def _migrations(kind: str) -> list[tuple[int, str]]:
     folder = resources.files("ledger") / "migrations"
     by_version: dict[int, list[str]] = {}
-    names = sorted(p.name for p in folder.iterdir() if p.name.endswith(".sql"))
+    # The portable file of a version first, then its dialect's extras.
+    names = sorted(
+        (p.name for p in folder.iterdir() if p.name.endswith(".sql")),
+        key=lambda n: (n.split("_", 1)[0], n.count("."), n),
+    )
     for name in names:
         parts = name.split(".")
         if len(parts) == 3 and parts[1] != kind:

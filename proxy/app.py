@@ -42,7 +42,7 @@ EXTRA_ROUTES: list[tuple[str, str, Handler]] = []
 STARTUP_HOOKS: list[Callable[[web.Application, Any], Awaitable[None]]] = []
 
 
-def create_app(settings: Settings, *, store: Store | None = None, sweep_interval: float = 10.0) -> web.Application:
+def create_app(settings: Settings, *, store: Store | None = None) -> web.Application:
     app = web.Application(middlewares=[edge_middleware], client_max_size=settings.max_body_bytes)
     routes: list[tuple[str, str, Handler]] = []
     for prefix in ("/api/v1", "/api"):
@@ -77,7 +77,7 @@ def create_app(settings: Settings, *, store: Store | None = None, sweep_interval
         app[RT] = rt
         for hook in STARTUP_HOOKS:
             await hook(app, rt)
-        rt.background.append(asyncio.get_running_loop().create_task(sweep_expired_holds(rt, sweep_interval)))
+        rt.background.append(asyncio.get_running_loop().create_task(sweep_expired_holds(rt, settings.hold_sweep_interval_seconds)))
 
     async def cleanup(app: web.Application) -> None:
         if RT in app:

@@ -41,13 +41,16 @@ def error_response(
     )
 
 
+_RID: web.RequestKey[str] = web.RequestKey("tollway_request_id", str)
+
+
 def request_id(request: web.Request) -> str:
-    rid = request.get("request_id")
+    rid = request.get(_RID)
     if rid is None:
         rid = request.headers.get(REQUEST_ID)
         if not rid or len(rid) > 128:
             rid = os.urandom(12).hex()
-        request["request_id"] = rid
+        request[_RID] = rid
     return rid
 
 

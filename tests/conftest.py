@@ -1,0 +1,80 @@
+"""Shared fixtures: real PostgreSQL and Redis (never skipped), stores, upstreams, proxies."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import AsyncIterator
+
+import pytest
+
+from ledger.db import Store, open_store
+from tests.support import services
+from tests.support.tollway import InProcess, start_inprocess
+from tests.support.upstream import Upstream, start_upstream
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    problems = asyncio.run(services.check_services())
+    if problems:
+        raise pytest.UsageError(
+            "Tollway's tests need real PostgreSQL and Redis; run ./scripts/test, which starts them.\n  "
+            + "\n  ".join(problems)
+        )
+
+
+@pytest.fixture
+async def pg_url() -> AsyncIterator[str]:
+    url = await services.create_pg_database()
+    yield url
+    await services.drop_pg_database(url)
+
+
+@pytest.fixture
+async def redis_url() -> str:
+    return await services.fresh_redis_url()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def db_url(request: pytest.FixtureRequest, tmp_path) -> AsyncIterator[str]:
+    """Each test using this runs once on SQLite and once on PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/tollway.db"
+    else:
+        url = await services.create_pg_database()
+        yield url
+        await services.drop_pg_database(url)
+
+
+@pytest.fixture
+async def store(db_url: str) -> AsyncIterator[Store]:
+    s = open_store(db_url)
+    await s.connect()
+    await s.migrate()
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    up = await start_upstream()
+    yield up
+    await up.close()
+
+
+@pytest.fixture
+async def tollway(db_url: str, tmp_path) -> AsyncIterator[InProcess]:
+    tw = await start_inprocess(db_url, tmp=str(tmp_path))
+    yield tw
+    await tw.close()
+
+
+@pytest.fixture
+async def tollway_sqlite(tmp_path) -> AsyncIterator[InProcess]:
+    tw = await start_inprocess(f"sqlite:///{tmp_path}/tw.db", tmp=str(tmp_path))
+    yield tw
+    await tw.close()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    os.environ.setdefault("TOLLWAY_TESTING", "1")
