@@ -228,6 +228,9 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     metrics.UPSTREAM_LATENCY.observe(latency)
     metrics.OVERHEAD.observe(t_up - t0)
 
+    # The charge commits before the first byte goes out: once a client sees
+    # the headers, its balance and usage already say so.
+    await settle
     sent = 0
     try:
         await resp.prepare(request)
@@ -238,7 +241,6 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         # Mid-body failure after the headers: the call was answered and stays charged.
         log.info("stream %s ended early: %r", ticket.usage_id, exc)
         up.release()
-        await settle
         if isinstance(exc, asyncio.CancelledError):
             raise
         if request.transport is not None:
@@ -246,7 +248,6 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         return resp
     finally:
         up.release()
-    await settle
     if known_len is None or (body is not None and body.count != (request.content_length or body.count)):
         rt.amend_usage(ticket.usage_id, body.count if body else 0, sent)
     await resp.write_eof()
