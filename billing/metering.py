@@ -8,7 +8,7 @@ a batched transaction; neither ever reads or writes the store on its own.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Awaitable, Callable
 
 from billing.errors import BillingError, PaymentRequired
 from billing.money import fee_of
@@ -54,6 +54,9 @@ class Meter:
         fee_bps_for: Callable[[str], int],
     ):
         self.writer = writer
+        # Run inside the same transaction as each finished call (webhook outbox
+        # rows, auto top-up triggers): atomic with the charge, and no extra commit.
+        self.finish_hooks: list[Callable[[Tx, ops.Outcome, int], Awaitable[None]]] = []
         self.hold_ttl_ms = hold_ttl_ms
         self.idem_window_ms = idem_window_ms
         self.fee_bps_for = fee_bps_for
@@ -116,7 +119,18 @@ class Meter:
         )
 
     async def finish(self, o: ops.Outcome) -> int:
-        return await self.writer.submit(lambda tx: ops.finish(tx, o))
+        return await self.writer.submit(self.finish_op(o))
+
+    def finish_op(self, o: ops.Outcome) -> Callable[[Tx], Awaitable[int]]:
+        hooks = self.finish_hooks
+
+        async def op(tx: Tx) -> int:
+            charged = await ops.finish(tx, o)
+            for hook in hooks:
+                await hook(tx, o, charged)
+            return charged
+
+        return op
 
     async def expire_holds(self, now_ms: int) -> int:
         total = 0

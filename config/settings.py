@@ -78,6 +78,7 @@ class Settings:
     # month 1 uses the first entry, later months the last. Empty means platform_fee_bps always.
     fee_schedule_bps: list[int] = field(default_factory=list)
     hold_ttl_seconds: int = 120
+    hold_sweep_interval_seconds: float = 10.0
     key_cache_ttl_seconds: float = 30.0
     service_cache_ttl_seconds: float = 5.0
     idempotency_window_seconds: int = 24 * 3600
@@ -102,7 +103,29 @@ class Settings:
     stripe_api_key: str | None = None
     stripe_webhook_secret: str | None = None
     stripe_api_base: str | None = None
+    stripe_success_url: str = "http://127.0.0.1:8000/wallet/topup/success"
+    stripe_cancel_url: str = "http://127.0.0.1:8000/wallet/topup/cancel"
+    stripe_connect_refresh_url: str = "http://127.0.0.1:8000/provider/connect/refresh"
+    stripe_connect_return_url: str = "http://127.0.0.1:8000/provider/connect/done"
+    stripe_currency: str = "usd"
+    # Ledger units credited per Stripe cent (USDC has 6 decimals: 1 cent = 10,000 units).
+    stripe_units_per_cent: int = 10_000
+    auto_topup_cooldown_seconds: int = 3600
+    evm_hot_wallet_private_key: str | None = None
+    invoice_partner: str = "tollway"
+    # Calls one invoice pays for; above 1 the rest is credited as a prepaid batch.
+    invoice_batch_target: int = 1
+    cardano_asset: str = "lovelace"
+    # Cardano units per ledger unit, as a decimal string (1 for a 6-decimal USD stablecoin).
+    cardano_rate: str = "1"
+    # Revenue-share outputs every Cardano invoice must carry: "address=basis_points".
+    cardano_split_outputs: list[str] = field(default_factory=list)
     webhook_allow_http: bool = False
+    webhook_max_per_owner: int = 20
+    webhook_max_attempts: int = 8
+    webhook_backoff_base_seconds: float = 1.0
+    webhook_timeout_seconds: float = 5.0
+    webhook_poll_interval_seconds: float = 0.5
 
     def replace(self, **changes: Any) -> "Settings":
         return validate(dataclasses.replace(self, **changes))
@@ -171,6 +194,7 @@ def validate(s: Settings) -> Settings:
         s.hold_ttl_seconds > s.upstream_connect_timeout + s.upstream_read_timeout,
         "must exceed upstream_connect_timeout + upstream_read_timeout",
     )
+    _check("hold_sweep_interval_seconds", s.hold_sweep_interval_seconds > 0, "must be positive")
     _check("ledger_batch_max", 1 <= s.ledger_batch_max <= 10000, "must be 1..10000")
     _check(
         "admin_key",
@@ -180,6 +204,22 @@ def validate(s: Settings) -> Settings:
     _check("log_level", s.log_level in ("debug", "info", "warning", "error"), "debug|info|warning|error")
     _check("evm_confirmations", s.evm_confirmations >= 0, "must be >= 0")
     _check("invoice_ttl_seconds", s.invoice_ttl_seconds > 0, "must be positive")
+    _check("invoice_batch_target", s.invoice_batch_target >= 1, "must be >= 1")
+    _check("stripe_units_per_cent", s.stripe_units_per_cent > 0, "must be positive")
+    _check("webhook_max_per_owner", s.webhook_max_per_owner >= 1, "must be >= 1")
+    _check("webhook_max_attempts", s.webhook_max_attempts >= 1, "must be >= 1")
+    _check("webhook_backoff_base_seconds", s.webhook_backoff_base_seconds > 0, "must be positive")
+    try:
+        from fractions import Fraction
+
+        ok = Fraction(s.cardano_rate) > 0
+    except (ValueError, ZeroDivisionError):
+        ok = False
+    _check("cardano_rate", ok, "must be a positive decimal")
+    for entry in s.cardano_split_outputs:
+        addr, sep, bps = entry.rpartition("=")
+        _check("cardano_split_outputs", bool(sep and addr and bps.isdigit() and 0 < int(bps) < 10000),
+               "entries must be address=basis_points")
     return s
 
 

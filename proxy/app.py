@@ -36,21 +36,38 @@ API_ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/usage/me", account.usage_me),
 ]
 
-# Extension points: later layers (payments, wallets, settlements, webhooks)
-# append their routes and start hooks here without touching the factory.
-EXTRA_ROUTES: list[tuple[str, str, Handler]] = []
-STARTUP_HOOKS: list[Callable[[web.Application, Any], Awaitable[None]]] = []
+# Feature modules: each defines ROUTES (method, path under the API prefix,
+# handler), and may define RAW_ROUTES (absolute paths), on_startup(app, rt)
+# and on_cleanup(app, rt). Adding a feature never touches this factory.
+FEATURE_MODULES = (
+    "proxy.routes.payments",
+    "proxy.routes.wallet",
+    "proxy.routes.stripe_routes",
+    "proxy.routes.settlements",
+    "proxy.routes.webhooks",
+    "proxy.routes.provider",
+)
+
+
+def _features() -> list[Any]:
+    import importlib
+
+    return [importlib.import_module(name) for name in FEATURE_MODULES]
 
 
 def create_app(settings: Settings, *, store: Store | None = None) -> web.Application:
     app = web.Application(middlewares=[edge_middleware], client_max_size=settings.max_body_bytes)
+    features = _features()
+    extra: list[tuple[str, str, Handler]] = [r for f in features for r in getattr(f, "ROUTES", [])]
     routes: list[tuple[str, str, Handler]] = []
     for prefix in ("/api/v1", "/api"):
-        for method, path, handler in API_ROUTES + EXTRA_ROUTES:
+        for method, path, handler in API_ROUTES + extra:
             routes.append((method, prefix + path, handler))
         for method in PROXY_METHODS:
             routes.append((method, prefix + "/proxy/{service_id}/{path:.*}", proxy_handler))
             routes.append((method, prefix + "/proxy/{service_id}", proxy_handler))
+    for f in features:
+        routes.extend(getattr(f, "RAW_ROUTES", []))
     routes.append(("GET", "/health", account.health))
     routes.append(("GET", "/metrics", metrics.metrics_handler))
     added = [app.router.add_route(m, p, h) for m, p, h in routes]
@@ -75,12 +92,16 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
     async def startup(app: web.Application) -> None:
         rt = await build_runtime(settings, store)
         app[RT] = rt
-        for hook in STARTUP_HOOKS:
-            await hook(app, rt)
+        for f in features:
+            if hasattr(f, "on_startup"):
+                await f.on_startup(app, rt)
         rt.background.append(asyncio.get_running_loop().create_task(sweep_expired_holds(rt, settings.hold_sweep_interval_seconds)))
 
     async def cleanup(app: web.Application) -> None:
         if RT in app:
+            for f in reversed(features):
+                if hasattr(f, "on_cleanup"):
+                    await f.on_cleanup(app, app[RT])
             await close_runtime(app[RT])
 
     app.on_startup.append(startup)
