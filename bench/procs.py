@@ -44,6 +44,49 @@ def tree(pid: int) -> list[int]:
     return out
 
 
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of one process, in clock ticks."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            st = f.read()
+    except OSError:
+        return 0
+    rest = st[st.rfind(b")") + 2:].split()
+    return int(rest[11]) + int(rest[12])
+
+
+def pids_named(*names: str) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/comm") as f:
+                    if f.read().strip() in names:
+                        out.append(int(d))
+            except OSError:
+                pass
+    return out
+
+
+class CpuMeter:
+    """CPU used by groups of processes over an interval, in % of one core."""
+
+    TICK = os.sysconf("SC_CLK_TCK")
+
+    def __init__(self, groups: dict[str, list[int]]) -> None:
+        self.groups = groups
+        self.t0 = time.monotonic()
+        self.start = {g: {p: cpu_ticks(p) for p in ps} for g, ps in groups.items()}
+
+    def stop(self) -> dict:
+        dt_s = time.monotonic() - self.t0
+        out = {}
+        for g, ps in self.groups.items():
+            used = sum(max(0, cpu_ticks(p) - self.start[g].get(p, 0)) for p in ps)
+            out[g] = round(100.0 * used / self.TICK / dt_s, 1) if dt_s > 0 else None
+        return out
+
+
 def rss_kb(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/status") as f:

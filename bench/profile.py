@@ -62,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=12.0)
     ap.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     ap.add_argument("--native", action="store_true", help="py-spy --native (C frames)")
+    ap.add_argument("--nonblocking", action="store_true",
+                    help="py-spy --nonblocking: less overhead, but torn stacks")
+    ap.add_argument("--idle", action="store_true",
+                    help="py-spy --idle: also count samples where the server waits (I/O)")
     ap.add_argument("--profiler", choices=["py-spy", "pyinstrument"], default="py-spy")
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--no-pin", action="store_true")
@@ -141,12 +145,18 @@ def main(argv: list[str] | None = None) -> int:
         load(2).wait(30)
         H.log(f"profiling {args.duration:.0f}s with {profiler}")
         lg = load(args.duration + 1)
+        meter = P.CpuMeter({"server": P.tree(p.pid), "postgres": P.pids_named("postgres"),
+                            "redis": P.pids_named("redis-server")})
         if profiler == "py-spy":
             raw = RESULTS / f"{base_name}.txt"
             pids = P.tree(p.pid)
             target = p.pid
             pc = [pyspy, "record", "-p", str(target), "-r", str(args.rate), "-d",
-                  str(int(args.duration)), "-f", "raw", "-o", str(raw), "--nonblocking"]
+                  str(int(args.duration)), "-f", "raw", "-o", str(raw)]
+            if args.nonblocking:
+                pc.append("--nonblocking")
+            if args.idle:
+                pc.append("--idle")
             if mode.workers > 1 or len(pids) > 1:
                 pc.append("--subprocesses")
             if args.native:
@@ -154,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             r = subprocess.run(pc, capture_output=True, text=True, timeout=args.duration + 60)
             meta["py_spy"] = (r.stdout + r.stderr)[-600:]
         lg_out, _ = lg.communicate(timeout=args.duration + 30)
+        meta["cpu_pct_while_profiling"] = meter.stop()
         meta["load_output"] = lg_out[-1500:]
         m = [ln for ln in lg_out.splitlines() if ln.startswith(("WRKJSON", "{"))]
         if m:
@@ -168,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             print(S.to_text(summ))
         else:
             procs.stop(p, grace=15)  # pyinstrument writes its report when the server exits
-        H.log(f"requests/s while profiling: {meta.get('rps_while_profiling')}")
+        H.log(f"requests/s while profiling: {meta.get('rps_while_profiling')}; CPU % of one "
+              f"core: {meta.get('cpu_pct_while_profiling')}")
     except SystemExit as e:
         meta["error"] = f"aborted: {e}"
         rc = 2
