@@ -126,6 +126,7 @@ class Driver:
         self.deadline = deadline
         self.wrk = shutil.which("wrk") if not args.no_wrk else None
         self.watch_root: int | None = None  # the proxy under test; its tree is metered
+        self.upstream_pid: int | None = None
 
     def _meter(self) -> P.CpuMeter | None:
         if not self.watch_root:
@@ -133,7 +134,7 @@ class Driver:
         return P.CpuMeter({"server": P.tree(self.watch_root),
                            "postgres": P.pids_named("postgres"),
                            "redis": P.pids_named("redis-server"),
-                           "upstream+load (all others)": []})
+                           "upstream": [self.upstream_pid] if self.upstream_pid else []})
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -235,12 +236,14 @@ class Driver:
             "socket_errors": {k: v for k, v in j["errors"].items() if v},
             **({"target_rps": j["target_rps"], "max_backlog": j["max_backlog"]}
                if "target_rps" in j else {}),
+            "loadgen_cpu_pct": j.get("cpu_pct"),
         }
 
     def fixed_rate(self, url: str, headers: list[str], rate: float) -> dict:
         a = self.args
         self.need(a.warmup + a.duration + 3, "fixed-rate point")
-        argv = ["rate", "--url", url, "--rate", f"{rate:.1f}", "-c", str(a.connections), "--drain", "3",
+        argv = ["rate", "--url", url, "--rate", f"{rate:.1f}", "-c", str(a.connections),
+                "--drain", "3",
                 "--duration", str(a.duration), "--warmup", str(a.warmup)]
         for h in headers:
             argv += ["-H", h]
@@ -294,10 +297,10 @@ class Driver:
             r = subprocess.run(cmd + [url], capture_output=True, text=True,
                                timeout=a.large_timeout + 10)
             code, size, tstart, ttotal = r.stdout.split()
-            code, size, ttotal = int(code), int(size), float(ttotal)
+            code, size, ttotal, ttfb = int(code), int(size), float(ttotal), float(tstart)
         else:
             code, size, ttotal = self._py_download(url, headers)
-            tstart = ""
+            ttfb = None
         wall = time.monotonic() - t0
         mem = sampler.stop() if sampler else {}
         res = {
@@ -306,6 +309,7 @@ class Driver:
             "status": code,
             "seconds": ttotal,
             "mb_per_s": size / ttotal / 1e6 if ttotal else None,
+            "first_byte_s": ttfb,
             "wall_s": wall,
             "status_ok": code == 200 and size == a.large_bytes,
             "client": "curl" if curl else "python urllib",
@@ -434,7 +438,13 @@ def run_tollway(drv: Driver, procs: P.Procs, mode: T.Mode, upstream: str, cpus: 
             out["exit_code_before_stop"] = p.poll()
             procs.stop(p)
             try:
-                out["log_tail"] = inst.log.read_text(errors="replace")[-3000:]
+                text = inst.log.read_text(errors="replace")
+                out["log_tail"] = text[-3000:]
+                out["log_counts"] = {
+                    "ERROR lines": sum(1 for ln in text.splitlines() if " ERROR " in ln),
+                    "tracebacks": text.count("Traceback (most recent call last)"),
+                    "deadlocks": text.count("DeadlockDetectedError"),
+                }
             except OSError:
                 pass
         inst.cleanup()
@@ -546,7 +556,8 @@ def print_report(res: dict) -> None:
         print(f"{label:<14} {sc:<10} {r['rps']:>9.0f} {fmt(r['p50_ms']):>8} "
               f"{fmt(r['p99_ms']):>8} {fmt(ratio, '.3f'):>8}  {st:<10} {cpus:>14}")
     print()
-    print("Fixed rate, open loop (latency from the scheduled send time, like wrk2); bare: "
+    print("Fixed rate, open loop (latency from the 1 ms tick each request fell due, like "
+          "wrk2); bare: "
           "pass-through at half its peak; Tollway: prepaid call at that same rate, then at "
           "half of its own prepaid peak:")
     b = res.get("bare", {}).get("scenarios", {}).get("half_load")
@@ -667,6 +678,7 @@ def main(argv: list[str] | None = None) -> int:
         up = procs.start("upstream", [PY, "-m", "bench.upstream", "--port", str(up_port)],
                          cpus=cpus["load"], log=workdir / "upstream.log", cwd=str(ROOT))
         T.wait_health(upstream, up, 20)
+        drv.upstream_pid = up.pid
         res["direct"] = {"sse": drv.ttfb(f"{upstream}/sse", []),
                          "large": drv.large(f"{upstream}/large/{args.large_bytes}", [], None)}
         log(f"direct SSE TTFB p50 {res['direct']['sse']['ttfb_p50_ms']:.3f} ms; direct large "

@@ -68,6 +68,19 @@ def pids_named(*names: str) -> list[int]:
     return out
 
 
+def cpu_times() -> dict[int, tuple[int, int]]:
+    """Per-CPU (busy, total) jiffies from /proc/stat."""
+    out = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("cpu") and line[3].isdigit():
+                parts = line.split()
+                vals = [int(x) for x in parts[1:]]
+                idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+                out[int(parts[0][3:])] = (sum(vals) - idle, sum(vals))
+    return out
+
+
 class CpuMeter:
     """CPU used by groups of processes over an interval, in % of one core."""
 
@@ -77,6 +90,7 @@ class CpuMeter:
         self.groups = groups
         self.t0 = time.monotonic()
         self.start = {g: {p: cpu_ticks(p) for p in ps} for g, ps in groups.items()}
+        self.cpus0 = cpu_times()
 
     def stop(self) -> dict:
         dt_s = time.monotonic() - self.t0
@@ -84,6 +98,10 @@ class CpuMeter:
         for g, ps in self.groups.items():
             used = sum(max(0, cpu_ticks(p) - self.start[g].get(p, 0)) for p in ps)
             out[g] = round(100.0 * used / self.TICK / dt_s, 1) if dt_s > 0 else None
+        c1 = cpu_times()
+        for c, (b1, t1) in c1.items():
+            b0, t0 = self.cpus0.get(c, (0, 0))
+            out[f"cpu{c}_busy"] = round(100.0 * (b1 - b0) / (t1 - t0), 1) if t1 > t0 else None
         return out
 
 

@@ -3,7 +3,8 @@ profiler and write the profile, plus a summary of where the busy time goes, to
 bench/results/. py-spy (installed into the venv from PyPI if missing) samples the running
 server from outside; if py-spy cannot be used, pyinstrument wraps the server instead.
 
-  bench/profile [--mode sqlite-1w|pg-redis-1w|...] [--duration 12] [--native] [--scenario prepaid|free|402]
+  bench/profile [--mode sqlite-1w|pg-redis-1w|...] [--duration 12] [--native] [--idle]
+                [--scenario prepaid|free|402]
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from bench import harness as H
