@@ -13,8 +13,16 @@ import aiohttp
 from aiohttp import web
 
 HOP = {
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-    "trailer", "transfer-encoding", "upgrade", "host", "content-length",
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
 }
 
 
@@ -71,8 +79,9 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
-    web.run_app(make_app(a.upstream.rstrip("/")), host=a.host, port=a.port, access_log=None,
-                print=None)
+    web.run_app(
+        make_app(a.upstream.rstrip("/")), host=a.host, port=a.port, access_log=None, print=None
+    )
 
 
 if __name__ == "__main__":

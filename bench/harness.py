@@ -72,11 +72,28 @@ def machine_info() -> dict:
         info["wrk"] = (r.stdout + r.stderr).splitlines()[0] if (r.stdout + r.stderr) else wrk
     try:
         info["git_head"] = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-            text=True, timeout=5).stdout.strip()
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "config", "ledger",
-             "billing", "proxy"], capture_output=True, text=True, timeout=5).stdout
+            [
+                "git",
+                "-C",
+                str(ROOT),
+                "status",
+                "--porcelain",
+                "--",
+                "config",
+                "ledger",
+                "billing",
+                "proxy",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout
         info["tollway_tree_dirty_files"] = len(dirty.splitlines())
     except Exception:  # noqa: BLE001
         pass
@@ -100,21 +117,36 @@ def plan_cpus(no_pin: bool) -> dict:
     the load generator and the upstream on B."""
     cpus = sorted(os.sched_getaffinity(0))
     if no_pin or len(cpus) < 2:
-        return {"pinned": False, "server_1w": None, "server_2w": None, "load": None,
-                "note": "no CPU pinning: everything shares all cores"}
+        return {
+            "pinned": False,
+            "server_1w": None,
+            "server_2w": None,
+            "load": None,
+            "note": "no CPU pinning: everything shares all cores",
+        }
     if len(cpus) == 2:
-        return {"pinned": True, "server_1w": {cpus[0]}, "server_2w": set(cpus),
-                "load": {cpus[1]},
-                "note": (f"2 cores: 1-process proxies pinned to CPU {cpus[0]}; the upstream, "
-                         f"wrk (1 thread), the Python load generator and this harness share "
-                         f"CPU {cpus[1]}; 2-worker Tollway runs on both CPUs and so competes "
-                         f"with the load generator and upstream on CPU {cpus[1]}. "
-                         f"PostgreSQL and Redis are system services and are not pinned.")}
+        return {
+            "pinned": True,
+            "server_1w": {cpus[0]},
+            "server_2w": set(cpus),
+            "load": {cpus[1]},
+            "note": (
+                f"2 cores: 1-process proxies pinned to CPU {cpus[0]}; the upstream, "
+                f"wrk (1 thread), the Python load generator and this harness share "
+                f"CPU {cpus[1]}; 2-worker Tollway runs on both CPUs and so competes "
+                f"with the load generator and upstream on CPU {cpus[1]}. "
+                f"PostgreSQL and Redis are system services and are not pinned."
+            ),
+        }
     n = len(cpus)
-    return {"pinned": True, "server_1w": {cpus[0]}, "server_2w": {cpus[0], cpus[1]},
-            "load": set(cpus[2:]),
-            "note": f"{n} cores: proxy on CPU {cpus[0]} (1w) or {cpus[0]},{cpus[1]} (2w); "
-                    f"load and upstream on {cpus[2:]}"}
+    return {
+        "pinned": True,
+        "server_1w": {cpus[0]},
+        "server_2w": {cpus[0], cpus[1]},
+        "load": set(cpus[2:]),
+        "note": f"{n} cores: proxy on CPU {cpus[0]} (1w) or {cpus[0]},{cpus[1]} (2w); "
+        f"load and upstream on {cpus[2:]}",
+    }
 
 
 # ----------------------------------------------------------------------------- load
@@ -131,18 +163,23 @@ class Driver:
     def _meter(self) -> P.CpuMeter | None:
         if not self.watch_root:
             return None
-        return P.CpuMeter({"server": P.tree(self.watch_root),
-                           "postgres": P.pids_named("postgres"),
-                           "redis": P.pids_named("redis-server"),
-                           "upstream": [self.upstream_pid] if self.upstream_pid else []})
+        return P.CpuMeter(
+            {
+                "server": P.tree(self.watch_root),
+                "postgres": P.pids_named("postgres"),
+                "redis": P.pids_named("redis-server"),
+                "upstream": [self.upstream_pid] if self.upstream_pid else [],
+            }
+        )
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
 
     def need(self, seconds: float, what: str) -> None:
         if self.left() < seconds:
-            raise Budget(f"skipped {what}: {self.left():.0f}s of the time budget left, "
-                         f"needs ~{seconds:.0f}s")
+            raise Budget(
+                f"skipped {what}: {self.left():.0f}s of the time budget left, needs ~{seconds:.0f}s"
+            )
 
     def closed(self, url: str, headers: list[str], expect: int) -> dict:
         a = self.args
@@ -165,8 +202,16 @@ class Driver:
 
     def _wrk(self, url: str, headers: list[str], duration: float, warm: bool = False) -> dict:
         a = self.args
-        cmd = [self.wrk, f"-t{a.wrk_threads}", f"-c{a.connections}", f"-d{duration:g}s",
-               "--timeout", "5s", "-s", str(HERE / "report.lua")]
+        cmd = [
+            self.wrk,
+            f"-t{a.wrk_threads}",
+            f"-c{a.connections}",
+            f"-d{duration:g}s",
+            "--timeout",
+            "5s",
+            "-s",
+            str(HERE / "report.lua"),
+        ]
         for h in headers:
             cmd += ["-H", h]
         cmd.append(url)
@@ -200,16 +245,30 @@ class Driver:
         }
 
     def _loadgen(self, argv: list[str], timeout: float) -> dict:
-        r = subprocess.run([PY, "-m", "bench.loadgen", *argv], capture_output=True, text=True,
-                           timeout=timeout, cwd=ROOT)
+        r = subprocess.run(
+            [PY, "-m", "bench.loadgen", *argv],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=ROOT,
+        )
         if r.returncode != 0:
             raise RuntimeError(f"loadgen failed: {r.stderr[-800:]}")
         return json.loads(r.stdout.strip().splitlines()[-1])
 
     def _loadgen_closed(self, url: str, headers: list[str]) -> dict:
         a = self.args
-        argv = ["closed", "--url", url, "-c", str(a.connections), "--duration", str(a.duration),
-                "--warmup", str(a.warmup)]
+        argv = [
+            "closed",
+            "--url",
+            url,
+            "-c",
+            str(a.connections),
+            "--duration",
+            str(a.duration),
+            "--warmup",
+            str(a.warmup),
+        ]
         for h in headers:
             argv += ["-H", h]
         j = self._loadgen(argv, a.duration + a.warmup + 30)
@@ -234,17 +293,32 @@ class Driver:
             "non_2xx_3xx": j["requests"] - ok,
             "statuses": j["statuses"],
             "socket_errors": {k: v for k, v in j["errors"].items() if v},
-            **({"target_rps": j["target_rps"], "max_backlog": j["max_backlog"]}
-               if "target_rps" in j else {}),
+            **(
+                {"target_rps": j["target_rps"], "max_backlog": j["max_backlog"]}
+                if "target_rps" in j
+                else {}
+            ),
             "loadgen_cpu_pct": j.get("cpu_pct"),
         }
 
     def fixed_rate(self, url: str, headers: list[str], rate: float) -> dict:
         a = self.args
         self.need(a.warmup + a.duration + 3, "fixed-rate point")
-        argv = ["rate", "--url", url, "--rate", f"{rate:.1f}", "-c", str(a.connections),
-                "--drain", "3",
-                "--duration", str(a.duration), "--warmup", str(a.warmup)]
+        argv = [
+            "rate",
+            "--url",
+            url,
+            "--rate",
+            f"{rate:.1f}",
+            "-c",
+            str(a.connections),
+            "--drain",
+            "3",
+            "--duration",
+            str(a.duration),
+            "--warmup",
+            str(a.warmup),
+        ]
         for h in headers:
             argv += ["-H", h]
         meter = self._meter()
@@ -254,8 +328,9 @@ class Driver:
             res["cpu_pct_note"] = "averaged over warm-up, measurement and drain"
         # a server that cannot keep up builds a backlog: its latency grows without bound
         res["saturated"] = res["rps"] < 0.95 * rate or res.get("p99_ms") is None
-        res["status_ok"] = (res["non_2xx_3xx"] == 0 and not res["socket_errors"]
-                            and not res["saturated"])
+        res["status_ok"] = (
+            res["non_2xx_3xx"] == 0 and not res["socket_errors"] and not res["saturated"]
+        )
         return res
 
     def ttfb(self, url: str, headers: list[str]) -> dict:
@@ -276,7 +351,7 @@ class Driver:
             "errors": j["errors"],
             "status_ok": set(j["statuses"]) == {"200"} and not j["errors"],
             "what": "time from request written to first SSE body byte read, one keep-alive "
-                    "connection, sequential requests; the upstream sends its first event at once",
+            "connection, sequential requests; the upstream sends its first event at once",
         }
 
     def large(self, url: str, headers: list[str], server_pid: int | None) -> dict:
@@ -290,12 +365,21 @@ class Driver:
         curl = shutil.which("curl")
         t0 = time.monotonic()
         if curl:
-            cmd = [curl, "-s", "-o", "/dev/null", "--max-time", str(a.large_timeout), "-w",
-                   "%{http_code} %{size_download} %{time_starttransfer} %{time_total}"]
+            cmd = [
+                curl,
+                "-s",
+                "-o",
+                "/dev/null",
+                "--max-time",
+                str(a.large_timeout),
+                "-w",
+                "%{http_code} %{size_download} %{time_starttransfer} %{time_total}",
+            ]
             for h in headers:
                 cmd += ["-H", h]
-            r = subprocess.run(cmd + [url], capture_output=True, text=True,
-                               timeout=a.large_timeout + 10)
+            r = subprocess.run(
+                cmd + [url], capture_output=True, text=True, timeout=a.large_timeout + 10
+            )
             code, size, tstart, ttotal = r.stdout.split()
             code, size, ttotal, ttfb = int(code), int(size), float(ttotal), float(tstart)
         else:
@@ -338,15 +422,29 @@ class Driver:
 # ----------------------------------------------------------------------------- runs
 
 
-def run_bare(drv: Driver, procs: P.Procs, upstream: str, cpus: dict, workdir: Path,
-             rate: float | None, label: str, full: bool) -> dict:
+def run_bare(
+    drv: Driver,
+    procs: P.Procs,
+    upstream: str,
+    cpus: dict,
+    workdir: Path,
+    rate: float | None,
+    label: str,
+    full: bool,
+) -> dict:
     port = P.free_port()
     base = f"http://127.0.0.1:{port}"
-    p = procs.start(label, [PY, "-m", "bench.bare_proxy", "--port", str(port), "--upstream",
-                            upstream], cpus=cpus["server_1w"], log=workdir / f"{label}.log",
-                    cwd=str(ROOT))
-    out: dict = {"kind": "bare aiohttp pass-through (uvloop, one shared ClientSession)",
-                 "pid": p.pid}
+    p = procs.start(
+        label,
+        [PY, "-m", "bench.bare_proxy", "--port", str(port), "--upstream", upstream],
+        cpus=cpus["server_1w"],
+        log=workdir / f"{label}.log",
+        cwd=str(ROOT),
+    )
+    out: dict = {
+        "kind": "bare aiohttp pass-through (uvloop, one shared ClientSession)",
+        "pid": p.pid,
+    }
     drv.watch_root = p.pid
     try:
         out["startup_s"] = T.wait_health(base, p, 20)
@@ -356,18 +454,33 @@ def run_bare(drv: Driver, procs: P.Procs, upstream: str, cpus: dict, workdir: Pa
             half = rate or out["scenarios"]["pass"]["rps"] / 2
             out["scenarios"]["half_load"] = drv.fixed_rate(f"{base}/proxy/json", [], half)
             out["scenarios"]["sse"] = drv.ttfb(f"{base}/proxy/sse", [])
-            out["scenarios"]["large"] = drv.large(f"{base}/proxy/large/{drv.args.large_bytes}",
-                                                  [], p.pid)
+            out["scenarios"]["large"] = drv.large(
+                f"{base}/proxy/large/{drv.args.large_bytes}", [], p.pid
+            )
     finally:
         procs.stop(p)
     return out
 
 
-def run_tollway(drv: Driver, procs: P.Procs, mode: T.Mode, upstream: str, cpus: dict,
-                workdir: Path, half_rate: float, stamp: str, args) -> dict:
+def run_tollway(
+    drv: Driver,
+    procs: P.Procs,
+    mode: T.Mode,
+    upstream: str,
+    cpus: dict,
+    workdir: Path,
+    half_rate: float,
+    stamp: str,
+    args,
+) -> dict:
     inst = T.TollwayInstance(mode, workdir, args.pg_url, args.redis_url, args.redis_db, stamp)
-    out: dict = {"mode": mode.name, "db": mode.db, "workers": mode.workers, "scenarios": {},
-                 "errors": []}
+    out: dict = {
+        "mode": mode.name,
+        "db": mode.db,
+        "workers": mode.workers,
+        "scenarios": {},
+        "errors": [],
+    }
     port = P.free_port()
     base = f"http://127.0.0.1:{port}"
     p = None
@@ -377,8 +490,14 @@ def run_tollway(drv: Driver, procs: P.Procs, mode: T.Mode, upstream: str, cpus: 
         out["database_url"] = inst.db_url
         out["redis_url"] = env.get("TOLLWAY_REDIS_URL")
         scpus = cpus["server_1w"] if mode.workers == 1 else cpus["server_2w"]
-        p = procs.start(f"tollway-{mode.name}", inst.command(port), env=env, cpus=scpus,
-                        log=inst.log, cwd=str(ROOT))
+        p = procs.start(
+            f"tollway-{mode.name}",
+            inst.command(port),
+            env=env,
+            cpus=scpus,
+            log=inst.log,
+            cwd=str(ROOT),
+        )
         out["pid"] = p.pid
         drv.watch_root = p.pid
         out["startup_s"] = T.wait_health(base, p, args.startup_timeout)
@@ -391,21 +510,29 @@ def run_tollway(drv: Driver, procs: P.Procs, mode: T.Mode, upstream: str, cpus: 
         probes = {}
         for name, (url, hdrs, want) in {"free": free, "prepaid": paid, "402": unpaid}.items():
             st, h, body = T.http("GET", url, headers=dict([hdrs[0].split(": ", 1)]))
-            probes[name] = {"status": st, "expected": want,
-                            "headers": {k: v for k, v in h.items()
-                                        if k.lower().startswith(("x-", "payment", "www-"))},
-                            "body": body if st != 200 else None}
+            probes[name] = {
+                "status": st,
+                "expected": want,
+                "headers": {
+                    k: v for k, v in h.items() if k.lower().startswith(("x-", "payment", "www-"))
+                },
+                "body": body if st != 200 else None,
+            }
         out["probes"] = probes
         for name, (url, hdrs, want) in {"free": free, "prepaid": paid, "402": unpaid}.items():
             if probes[name]["status"] != want:
-                out["errors"].append(f"{name}: probe answered {probes[name]['status']}, "
-                                     f"expected {want}: {str(probes[name]['body'])[:300]}")
+                out["errors"].append(
+                    f"{name}: probe answered {probes[name]['status']}, "
+                    f"expected {want}: {str(probes[name]['body'])[:300]}"
+                )
                 continue
             try:
                 out["scenarios"][name] = drv.closed(url, hdrs, want)
                 r = out["scenarios"][name]
-                log(f"{mode.name}: {name} {r['rps']:.0f} req/s p99 {r['p99_ms']:.2f} ms"
-                    + ("" if r["status_ok"] else "  (UNEXPECTED STATUSES)"))
+                log(
+                    f"{mode.name}: {name} {r['rps']:.0f} req/s p99 {r['p99_ms']:.2f} ms"
+                    + ("" if r["status_ok"] else "  (UNEXPECTED STATUSES)")
+                )
             except Budget:
                 raise
             except Exception as e:  # noqa: BLE001
@@ -414,11 +541,21 @@ def run_tollway(drv: Driver, procs: P.Procs, mode: T.Mode, upstream: str, cpus: 
             own = out["scenarios"].get("prepaid", {}).get("rps")
             for name, fn in (
                 ("half_load", lambda: drv.fixed_rate(paid[0], paid[1], half_rate)),
-                ("half_own_peak", lambda: drv.fixed_rate(paid[0], paid[1], own / 2)
-                 if own and mode.workers == 1 else None),
+                (
+                    "half_own_peak",
+                    lambda: (
+                        drv.fixed_rate(paid[0], paid[1], own / 2)
+                        if own and mode.workers == 1
+                        else None
+                    ),
+                ),
                 ("sse", lambda: drv.ttfb(s.url(s.svc_paid, "sse"), paid[1])),
-                ("large", lambda: drv.large(s.url(s.svc_paid, f"large/{args.large_bytes}"),
-                                            paid[1], p.pid)),
+                (
+                    "large",
+                    lambda: drv.large(
+                        s.url(s.svc_paid, f"large/{args.large_bytes}"), paid[1], p.pid
+                    ),
+                ),
             ):
                 try:
                     r = fn()
@@ -461,8 +598,9 @@ def deps_ok(args) -> dict:
     try:
         import redis
 
-        redis.Redis.from_url(f"{args.redis_url.rstrip('/')}/{args.redis_db}",
-                             socket_timeout=2).ping()
+        redis.Redis.from_url(
+            f"{args.redis_url.rstrip('/')}/{args.redis_db}", socket_timeout=2
+        ).ping()
     except Exception as e:  # noqa: BLE001
         ok["redis"] = False
         ok["redis_error"] = str(e)[:200]
@@ -481,37 +619,74 @@ def targets(res: dict) -> list[dict]:
         sc = m.get("scenarios", {})
         if m.get("workers") == 1 and "prepaid" in sc and bare_rps:
             ratio = sc["prepaid"]["rps"] / bare_rps
-            out.append({"target": "prepaid req/s >= 0.8 x bare (one process)", "mode": name,
-                        "value": round(ratio, 3), "limit": 0.8, "met": ratio >= 0.8})
+            out.append(
+                {
+                    "target": "prepaid req/s >= 0.8 x bare (one process)",
+                    "mode": name,
+                    "value": round(ratio, 3),
+                    "limit": 0.8,
+                    "met": ratio >= 0.8,
+                }
+            )
         for key, label, info in (
-                ("half_load", "added p99 at half of peak <= 2 ms (prepaid, at half of the bare "
-                              "proxy's peak)", False),
-                ("half_own_peak", "(info) added p99 at half of its OWN prepaid peak vs bare at "
-                                  "half of bare's peak", True)):
+            (
+                "half_load",
+                "added p99 at half of peak <= 2 ms (prepaid, at half of the bare proxy's peak)",
+                False,
+            ),
+            (
+                "half_own_peak",
+                "(info) added p99 at half of its OWN prepaid peak vs bare at half of bare's peak",
+                True,
+            ),
+        ):
             h = sc.get(key)
             if not h or "half_load" not in bare:
                 continue
             if h.get("p99_ms") is None or h.get("saturated"):
-                val: object = (f"saturated: achieved {h['rps']:.0f}/s of "
-                               f"{h.get('target_rps', 0):.0f}/s")
+                val: object = (
+                    f"saturated: achieved {h['rps']:.0f}/s of {h.get('target_rps', 0):.0f}/s"
+                )
                 met = False
             else:
                 val = round(h["p99_ms"] - bare["half_load"]["p99_ms"], 3)
                 met = val <= 2.0 and h["status_ok"]
-            out.append({"target": label, "mode": name, "value_ms": val, "limit_ms": 2.0,
-                        "met": met, "rate": h.get("target_rps"), "informational": info})
+            out.append(
+                {
+                    "target": label,
+                    "mode": name,
+                    "value_ms": val,
+                    "limit_ms": 2.0,
+                    "met": met,
+                    "rate": h.get("target_rps"),
+                    "informational": info,
+                }
+            )
         if "sse" in sc and direct_sse.get("ttfb_p50_ms") is not None:
             d = sc["sse"]["ttfb_p50_ms"] - direct_sse["ttfb_p50_ms"]
             d99 = sc["sse"]["ttfb_p99_ms"] - direct_sse["ttfb_p99_ms"]
-            out.append({"target": "SSE TTFB within 5 ms of direct (p50; p99 shown)",
-                        "mode": name, "value_ms": round(d, 3), "p99_delta_ms": round(d99, 3),
-                        "limit_ms": 5.0, "met": d <= 5.0 and sc["sse"]["status_ok"]})
+            out.append(
+                {
+                    "target": "SSE TTFB within 5 ms of direct (p50; p99 shown)",
+                    "mode": name,
+                    "value_ms": round(d, 3),
+                    "p99_delta_ms": round(d99, 3),
+                    "limit_ms": 5.0,
+                    "met": d <= 5.0 and sc["sse"]["status_ok"],
+                }
+            )
         if "large" in sc and sc["large"].get("peak_rss_mb") is not None:
             v = sc["large"]["peak_rss_mb"]
-            out.append({"target": "peak RSS streaming 1 GB < 100 MB", "mode": name,
-                        "value_mb": round(v, 1), "limit_mb": 100,
-                        "met": v < 100 and sc["large"]["status_ok"],
-                        "bytes": sc["large"]["bytes"]})
+            out.append(
+                {
+                    "target": "peak RSS streaming 1 GB < 100 MB",
+                    "mode": name,
+                    "value_mb": round(v, 1),
+                    "limit_mb": 100,
+                    "met": v < 100 and sc["large"]["status_ok"],
+                    "bytes": sc["large"]["bytes"],
+                }
+            )
     return out
 
 
@@ -523,12 +698,16 @@ def print_report(res: dict) -> None:
     bare_rps = res.get("bare_rps")
     print()
     print(res["pinning"]["note"])
-    print("The load generator (wrk, 1 thread) runs on the same machine and takes CPU from "
-          "the upstream and, for 2-worker modes, from Tollway; figures are relative, "
-          "compare ratios measured in this run, not absolute numbers across machines.")
+    print(
+        "The load generator (wrk, 1 thread) runs on the same machine and takes CPU from "
+        "the upstream and, for 2-worker modes, from Tollway; figures are relative, "
+        "compare ratios measured in this run, not absolute numbers across machines."
+    )
     print()
-    hdr = f"{'target':<14} {'scenario':<10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} " \
-          f"{'vs bare':>8}  {'status':<10} {'CPU% srv/pg/rd':>14}"
+    hdr = (
+        f"{'target':<14} {'scenario':<10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'vs bare':>8}  {'status':<10} {'CPU% srv/pg/rd':>14}"
+    )
     print(hdr)
     print("-" * len(hdr))
     rows = []
@@ -551,54 +730,75 @@ def print_report(res: dict) -> None:
         ratio = r["rps"] / bare_rps if bare_rps else None
         st = "ok" if r.get("status_ok", True) else "BAD STATUS"
         cpu = r.get("cpu_pct", {})
-        cpus = f"{fmt(cpu.get('server'), '.0f')}/{fmt(cpu.get('postgres'), '.0f')}" \
-               f"/{fmt(cpu.get('redis'), '.0f')}" if cpu else "-"
-        print(f"{label:<14} {sc:<10} {r['rps']:>9.0f} {fmt(r['p50_ms']):>8} "
-              f"{fmt(r['p99_ms']):>8} {fmt(ratio, '.3f'):>8}  {st:<10} {cpus:>14}")
+        cpus = (
+            f"{fmt(cpu.get('server'), '.0f')}/{fmt(cpu.get('postgres'), '.0f')}"
+            f"/{fmt(cpu.get('redis'), '.0f')}"
+            if cpu
+            else "-"
+        )
+        print(
+            f"{label:<14} {sc:<10} {r['rps']:>9.0f} {fmt(r['p50_ms']):>8} "
+            f"{fmt(r['p99_ms']):>8} {fmt(ratio, '.3f'):>8}  {st:<10} {cpus:>14}"
+        )
     print()
-    print("Fixed rate, open loop (latency from the 1 ms tick each request fell due, like "
-          "wrk2); bare: "
-          "pass-through at half its peak; Tollway: prepaid call at that same rate, then at "
-          "half of its own prepaid peak:")
+    print(
+        "Fixed rate, open loop (latency from the 1 ms tick each request fell due, like "
+        "wrk2); bare: "
+        "pass-through at half its peak; Tollway: prepaid call at that same rate, then at "
+        "half of its own prepaid peak:"
+    )
     b = res.get("bare", {}).get("scenarios", {}).get("half_load")
     if b:
-        print(f"  {'bare':<14} {b['target_rps']:>7.0f}/s  p50 {fmt(b['p50_ms'])}  "
-              f"p99 {fmt(b['p99_ms'])} ms  achieved {b['rps']:.0f}/s")
+        print(
+            f"  {'bare':<14} {b['target_rps']:>7.0f}/s  p50 {fmt(b['p50_ms'])}  "
+            f"p99 {fmt(b['p99_ms'])} ms  achieved {b['rps']:.0f}/s"
+        )
     for name, m in res.get("tollway", {}).items():
         for key in ("half_load", "half_own_peak"):
             h = m.get("scenarios", {}).get(key)
             if h:
                 d = h["p99_ms"] - b["p99_ms"] if b and h["p99_ms"] is not None else None
-                print(f"  {name:<14} {h['target_rps']:>7.0f}/s  p50 {fmt(h['p50_ms'])}  "
-                      f"p99 {fmt(h['p99_ms'])} ms  achieved {h['rps']:.0f}/s  "
-                      f"added p99 {fmt(d)} ms" + ("  (own half peak)" if key != "half_load"
-                                                  else "")
-                      + ("  SATURATED" if h.get("saturated") else ""))
+                print(
+                    f"  {name:<14} {h['target_rps']:>7.0f}/s  p50 {fmt(h['p50_ms'])}  "
+                    f"p99 {fmt(h['p99_ms'])} ms  achieved {h['rps']:.0f}/s  "
+                    f"added p99 {fmt(d)} ms"
+                    + ("  (own half peak)" if key != "half_load" else "")
+                    + ("  SATURATED" if h.get("saturated") else "")
+                )
     print()
     print("SSE time to first body byte (p50 / p99 ms):")
-    for label, r in [("direct", res.get("direct", {}).get("sse")),
-                     ("bare", res.get("bare", {}).get("scenarios", {}).get("sse"))] + [
-            (n, m.get("scenarios", {}).get("sse")) for n, m in res.get("tollway", {}).items()]:
+    for label, r in [
+        ("direct", res.get("direct", {}).get("sse")),
+        ("bare", res.get("bare", {}).get("scenarios", {}).get("sse")),
+    ] + [(n, m.get("scenarios", {}).get("sse")) for n, m in res.get("tollway", {}).items()]:
         if r:
             print(f"  {label:<14} {fmt(r['ttfb_p50_ms'], '.3f')} / {fmt(r['ttfb_p99_ms'], '.3f')}")
     print()
     print(f"Large body ({res['settings']['large_bytes'] / 2**30:.2f} GiB, generated upstream):")
-    for label, r in [("direct", res.get("direct", {}).get("large")),
-                     ("bare", res.get("bare", {}).get("scenarios", {}).get("large"))] + [
-            (n, m.get("scenarios", {}).get("large")) for n, m in res.get("tollway", {}).items()]:
+    for label, r in [
+        ("direct", res.get("direct", {}).get("large")),
+        ("bare", res.get("bare", {}).get("scenarios", {}).get("large")),
+    ] + [(n, m.get("scenarios", {}).get("large")) for n, m in res.get("tollway", {}).items()]:
         if r:
             extra = ""
             if r.get("rss"):
-                extra = (f"  peak RSS {r['rss']['peak_rss_mb']:.1f} MB "
-                         f"(that process before: {r['rss']['peak_pid_rss_before_mb']:.1f} MB)")
-            print(f"  {label:<14} {fmt(r['mb_per_s'], '.0f')} MB/s  status {r['status']}  "
-                  f"bytes {r['bytes']}{extra}")
+                extra = (
+                    f"  peak RSS {r['rss']['peak_rss_mb']:.1f} MB "
+                    f"(that process before: {r['rss']['peak_pid_rss_before_mb']:.1f} MB)"
+                )
+            print(
+                f"  {label:<14} {fmt(r['mb_per_s'], '.0f')} MB/s  status {r['status']}  "
+                f"bytes {r['bytes']}{extra}"
+            )
     print()
     print("Targets:")
     for t in res.get("targets", []):
         val = t.get("value", t.get("value_ms", t.get("value_mb")))
-        tag = ("met " if t["met"] else "miss") if t.get("informational") else \
-            ("MET " if t["met"] else "MISS")
+        tag = (
+            ("met " if t["met"] else "miss")
+            if t.get("informational")
+            else ("MET " if t["met"] else "MISS")
+        )
         print(f"  [{tag}] {t['mode']:<12} {t['target']}: {val}")
     errs = [(n, e) for n, m in res.get("tollway", {}).items() for e in m.get("errors", [])]
     errs += [("run", e) for e in res.get("errors", [])]
@@ -614,8 +814,11 @@ def print_report(res: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench/run", description=__doc__)
-    ap.add_argument("--modes", default=",".join(ALL_MODES),
-                    help="comma list of Tollway modes, or 'none' (default: all four)")
+    ap.add_argument(
+        "--modes",
+        default=",".join(ALL_MODES),
+        help="comma list of Tollway modes, or 'none' (default: all four)",
+    )
     ap.add_argument("--duration", type=float, default=6.0, help="seconds per load point")
     ap.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds before each")
     ap.add_argument("--connections", type=int, default=32)
@@ -627,13 +830,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--large-timeout", type=float, default=60.0)
     ap.add_argument("--budget", type=float, default=285.0, help="hard wall-clock limit, s")
     ap.add_argument("--startup-timeout", type=float, default=60.0)
-    ap.add_argument("--pg-url", default=os.environ.get("BENCH_PG_URL",
-                                                       "postgresql://postgres@127.0.0.1:5432"))
-    ap.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL",
-                                                          "redis://127.0.0.1:6379"))
+    ap.add_argument(
+        "--pg-url", default=os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432")
+    )
+    ap.add_argument(
+        "--redis-url", default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379")
+    )
     ap.add_argument("--redis-db", type=int, default=int(os.environ.get("BENCH_REDIS_DB", "13")))
-    ap.add_argument("--no-bare-end", action="store_true",
-                    help="skip the second bare-proxy measurement at the end")
+    ap.add_argument(
+        "--no-bare-end",
+        action="store_true",
+        help="skip the second bare-proxy measurement at the end",
+    )
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/<ts>.json)")
     args = ap.parse_args(argv)
 
@@ -668,21 +876,32 @@ def main(argv: list[str] | None = None) -> int:
     }
     drv = Driver(args, deadline)
     procs = P.Procs()
-    log(f"results -> {out_path.relative_to(ROOT) if out_path.is_relative_to(ROOT) else out_path}"
-        f"; logs in {workdir.relative_to(ROOT)}; budget {args.budget:.0f}s")
+    log(
+        f"results -> {out_path.relative_to(ROOT) if out_path.is_relative_to(ROOT) else out_path}"
+        f"; logs in {workdir.relative_to(ROOT)}; budget {args.budget:.0f}s"
+    )
     log(cpus["note"])
     rc = 0
     try:
         up_port = P.free_port()
         upstream = f"http://127.0.0.1:{up_port}"
-        up = procs.start("upstream", [PY, "-m", "bench.upstream", "--port", str(up_port)],
-                         cpus=cpus["load"], log=workdir / "upstream.log", cwd=str(ROOT))
+        up = procs.start(
+            "upstream",
+            [PY, "-m", "bench.upstream", "--port", str(up_port)],
+            cpus=cpus["load"],
+            log=workdir / "upstream.log",
+            cwd=str(ROOT),
+        )
         T.wait_health(upstream, up, 20)
         drv.upstream_pid = up.pid
-        res["direct"] = {"sse": drv.ttfb(f"{upstream}/sse", []),
-                         "large": drv.large(f"{upstream}/large/{args.large_bytes}", [], None)}
-        log(f"direct SSE TTFB p50 {res['direct']['sse']['ttfb_p50_ms']:.3f} ms; direct large "
-            f"{res['direct']['large']['mb_per_s']:.0f} MB/s")
+        res["direct"] = {
+            "sse": drv.ttfb(f"{upstream}/sse", []),
+            "large": drv.large(f"{upstream}/large/{args.large_bytes}", [], None),
+        }
+        log(
+            f"direct SSE TTFB p50 {res['direct']['sse']['ttfb_p50_ms']:.3f} ms; direct large "
+            f"{res['direct']['large']['mb_per_s']:.0f} MB/s"
+        )
         res["bare"] = run_bare(drv, procs, upstream, cpus, workdir, None, "bare", True)
         res["bare_rps"] = res["bare"]["scenarios"]["pass"]["rps"]
         half = res["bare_rps"] / 2
@@ -691,18 +910,23 @@ def main(argv: list[str] | None = None) -> int:
         res["deps"] = dep
         for m in modes:
             if m.db == "pg" and not (dep.get("pg") and dep.get("redis")):
-                res["tollway"][m.name] = {"mode": m.name, "errors": [
-                    f"skipped: PostgreSQL/Redis not reachable: {dep}"], "scenarios": {}}
+                res["tollway"][m.name] = {
+                    "mode": m.name,
+                    "errors": [f"skipped: PostgreSQL/Redis not reachable: {dep}"],
+                    "scenarios": {},
+                }
                 continue
             log(f"Tollway {m.name}: starting")
-            res["tollway"][m.name] = run_tollway(drv, procs, m, upstream, cpus, workdir, half,
-                                                 stamp, args)
+            res["tollway"][m.name] = run_tollway(
+                drv, procs, m, upstream, cpus, workdir, half, stamp, args
+            )
             for e in res["tollway"][m.name]["errors"]:
                 log(f"{m.name}: {e}")
         if not args.no_bare_end:
             try:
-                res["bare_end"] = run_bare(drv, procs, upstream, cpus, workdir, None,
-                                           "bare_end", False)
+                res["bare_end"] = run_bare(
+                    drv, procs, upstream, cpus, workdir, None, "bare_end", False
+                )
                 res["bare_rps_end"] = res["bare_end"]["scenarios"]["pass"]["rps"]
             except Budget as e:
                 res["errors"].append(str(e))

@@ -209,8 +209,9 @@ class Conn(asyncio.Protocol):
 
 
 class Gen:
-    def __init__(self, url: str, headers: list[str], connections: int, method: str = "GET",
-                 body: bytes = b"") -> None:
+    def __init__(
+        self, url: str, headers: list[str], connections: int, method: str = "GET", body: bytes = b""
+    ) -> None:
         self.host, self.port, self.raw = build_request(url, headers, method, body)
         self.nconn = connections
         self.idle: deque[Conn] = deque()
@@ -355,9 +356,16 @@ async def run_rate(a) -> dict:
     gen.stopping = True
     await gen.drain(a.drain)
     gen.close()
-    return summary(gen, "rate", a.duration, {
-        "target_rps": a.rate, "max_backlog": max_backlog,
-        "latency_from": "timer tick at which the request fell due"})
+    return summary(
+        gen,
+        "rate",
+        a.duration,
+        {
+            "target_rps": a.rate,
+            "max_backlog": max_backlog,
+            "latency_from": "timer tick at which the request fell due",
+        },
+    )
 
 
 async def run_closed(a) -> dict:

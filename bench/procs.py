@@ -29,7 +29,7 @@ def children_map() -> dict[int, list[int]]:
         except OSError:
             continue
         # pid (comm) state ppid ...; comm may hold spaces and parentheses
-        rest = stat[stat.rfind(b")") + 2:].split()
+        rest = stat[stat.rfind(b")") + 2 :].split()
         kids.setdefault(int(rest[1]), []).append(int(d))
     return kids
 
@@ -51,7 +51,7 @@ def cpu_ticks(pid: int) -> int:
             st = f.read()
     except OSError:
         return 0
-    rest = st[st.rfind(b")") + 2:].split()
+    rest = st[st.rfind(b")") + 2 :].split()
     return int(rest[11]) + int(rest[12])
 
 
@@ -175,18 +175,32 @@ class Procs:
     def __init__(self) -> None:
         self.live: list[tuple[str, subprocess.Popen]] = []
 
-    def start(self, name: str, cmd: list[str], *, env: dict | None = None,
-              cpus: set[int] | None = None, log: Path | None = None,
-              cwd: str | None = None) -> subprocess.Popen:
+    def start(
+        self,
+        name: str,
+        cmd: list[str],
+        *,
+        env: dict | None = None,
+        cpus: set[int] | None = None,
+        log: Path | None = None,
+        cwd: str | None = None,
+    ) -> subprocess.Popen:
         out = open(log, "ab") if log else subprocess.DEVNULL
 
         def pre() -> None:
             if cpus:
                 os.sched_setaffinity(0, cpus)
 
-        p = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL, start_new_session=True,
-                             preexec_fn=pre, cwd=cwd)
+        p = subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=pre,
+            cwd=cwd,
+        )
         if log:
             out.close()
         self.live.append((name, p))
@@ -226,6 +240,6 @@ def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             st = f.read()
-        return st[st.rfind(b")") + 2:st.rfind(b")") + 3] != b"Z"
+        return st[st.rfind(b")") + 2 : st.rfind(b")") + 3] != b"Z"
     except OSError:
         return False

@@ -36,8 +36,9 @@ def ensure_pyspy() -> str | None:
     if shutil.which("py-spy"):
         return shutil.which("py-spy")
     H.log("py-spy missing: installing it into the virtualenv from PyPI")
-    r = subprocess.run([PY, "-m", "pip", "install", "-q", "py-spy"], capture_output=True,
-                       text=True, timeout=180)
+    r = subprocess.run(
+        [PY, "-m", "pip", "install", "-q", "py-spy"], capture_output=True, text=True, timeout=180
+    )
     if r.returncode == 0 and cand.exists():
         return str(cand)
     H.log(f"py-spy install failed: {r.stderr[-300:]}")
@@ -50,8 +51,12 @@ def ensure_pyinstrument() -> bool:
 
         return True
     except ImportError:
-        r = subprocess.run([PY, "-m", "pip", "install", "-q", "pyinstrument"],
-                           capture_output=True, text=True, timeout=180)
+        r = subprocess.run(
+            [PY, "-m", "pip", "install", "-q", "pyinstrument"],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         return r.returncode == 0
 
 
@@ -62,17 +67,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=12.0)
     ap.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     ap.add_argument("--native", action="store_true", help="py-spy --native (C frames)")
-    ap.add_argument("--nonblocking", action="store_true",
-                    help="py-spy --nonblocking: less overhead, but torn stacks")
-    ap.add_argument("--idle", action="store_true",
-                    help="py-spy --idle: also count samples where the server waits (I/O)")
+    ap.add_argument(
+        "--nonblocking",
+        action="store_true",
+        help="py-spy --nonblocking: less overhead, but torn stacks",
+    )
+    ap.add_argument(
+        "--idle",
+        action="store_true",
+        help="py-spy --idle: also count samples where the server waits (I/O)",
+    )
     ap.add_argument("--profiler", choices=["py-spy", "pyinstrument"], default="py-spy")
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--no-pin", action="store_true")
-    ap.add_argument("--pg-url", default=os.environ.get("BENCH_PG_URL",
-                                                       "postgresql://postgres@127.0.0.1:5432"))
-    ap.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL",
-                                                          "redis://127.0.0.1:6379"))
+    ap.add_argument(
+        "--pg-url", default=os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432")
+    )
+    ap.add_argument(
+        "--redis-url", default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379")
+    )
     ap.add_argument("--redis-db", type=int, default=int(os.environ.get("BENCH_REDIS_DB", "13")))
     args = ap.parse_args(argv)
 
@@ -102,14 +115,24 @@ def main(argv: list[str] | None = None) -> int:
 
     procs = P.Procs()
     inst = T.TollwayInstance(mode, workdir, args.pg_url, args.redis_url, args.redis_db, stamp)
-    meta: dict = {"mode": mode.name, "scenario": args.scenario, "profiler": profiler,
-                  "machine": H.machine_info(), "pinning": cpus["note"]}
+    meta: dict = {
+        "mode": mode.name,
+        "scenario": args.scenario,
+        "profiler": profiler,
+        "machine": H.machine_info(),
+        "pinning": cpus["note"],
+    }
     rc = 0
     try:
         up_port = P.free_port()
         upstream = f"http://127.0.0.1:{up_port}"
-        up = procs.start("upstream", [PY, "-m", "bench.upstream", "--port", str(up_port)],
-                         cpus=cpus["load"], log=workdir / "upstream.log", cwd=str(ROOT))
+        up = procs.start(
+            "upstream",
+            [PY, "-m", "bench.upstream", "--port", str(up_port)],
+            cpus=cpus["load"],
+            log=workdir / "upstream.log",
+            cwd=str(ROOT),
+        )
         T.wait_health(upstream, up, 20)
         port = P.free_port()
         base = f"http://127.0.0.1:{port}"
@@ -133,26 +156,67 @@ def main(argv: list[str] | None = None) -> int:
 
         def load(seconds: float) -> subprocess.Popen:
             if wrk:
-                c = [wrk, "-t1", f"-c{args.connections}", f"-d{seconds:g}s", "-s",
-                     str(H.HERE / "report.lua"), "-H", hdr, url]
+                c = [
+                    wrk,
+                    "-t1",
+                    f"-c{args.connections}",
+                    f"-d{seconds:g}s",
+                    "-s",
+                    str(H.HERE / "report.lua"),
+                    "-H",
+                    hdr,
+                    url,
+                ]
             else:
-                c = [PY, "-m", "bench.loadgen", "closed", "--url", url, "-H", hdr,
-                     "-c", str(args.connections), "--duration", str(seconds), "--warmup", "0"]
-            return subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True, cwd=ROOT)
+                c = [
+                    PY,
+                    "-m",
+                    "bench.loadgen",
+                    "closed",
+                    "--url",
+                    url,
+                    "-H",
+                    hdr,
+                    "-c",
+                    str(args.connections),
+                    "--duration",
+                    str(seconds),
+                    "--warmup",
+                    "0",
+                ]
+            return subprocess.Popen(
+                c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT
+            )
 
         H.log(f"warm-up 2s ({args.scenario}, probe status {st})")
         load(2).wait(30)
         H.log(f"profiling {args.duration:.0f}s with {profiler}")
         lg = load(args.duration + 1)
-        meter = P.CpuMeter({"server": P.tree(p.pid), "postgres": P.pids_named("postgres"),
-                            "redis": P.pids_named("redis-server")})
+        meter = P.CpuMeter(
+            {
+                "server": P.tree(p.pid),
+                "postgres": P.pids_named("postgres"),
+                "redis": P.pids_named("redis-server"),
+            }
+        )
         if profiler == "py-spy":
             raw = RESULTS / f"{base_name}.txt"
             pids = P.tree(p.pid)
             target = p.pid
-            pc = [pyspy, "record", "-p", str(target), "-r", str(args.rate), "-d",
-                  str(int(args.duration)), "-f", "raw", "-o", str(raw)]
+            pc = [
+                pyspy,
+                "record",
+                "-p",
+                str(target),
+                "-r",
+                str(args.rate),
+                "-d",
+                str(int(args.duration)),
+                "-f",
+                "raw",
+                "-o",
+                str(raw),
+            ]
             if args.nonblocking:
                 pc.append("--nonblocking")
             if args.idle:
@@ -169,8 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         m = [ln for ln in lg_out.splitlines() if ln.startswith(("WRKJSON", "{"))]
         if m:
             j = json.loads(m[-1].split(" ", 1)[1] if m[-1].startswith("WRKJSON") else m[-1])
-            meta["rps_while_profiling"] = (j["requests"] / (j["duration_us"] / 1e6)
-                                           if "duration_us" in j else j.get("rps"))
+            meta["rps_while_profiling"] = (
+                j["requests"] / (j["duration_us"] / 1e6) if "duration_us" in j else j.get("rps")
+            )
         if profiler == "py-spy":
             summ = S.summarise(raw)
             meta["summary"] = summ
@@ -179,8 +244,10 @@ def main(argv: list[str] | None = None) -> int:
             print(S.to_text(summ))
         else:
             procs.stop(p, grace=15)  # pyinstrument writes its report when the server exits
-        H.log(f"requests/s while profiling: {meta.get('rps_while_profiling')}; CPU % of one "
-              f"core: {meta.get('cpu_pct_while_profiling')}")
+        H.log(
+            f"requests/s while profiling: {meta.get('rps_while_profiling')}; CPU % of one "
+            f"core: {meta.get('cpu_pct_while_profiling')}"
+        )
     except SystemExit as e:
         meta["error"] = f"aborted: {e}"
         rc = 2

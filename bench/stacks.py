@@ -97,8 +97,7 @@ def summarise(path: Path, top: int = 25) -> dict:
                 seen_g.add(g)
                 group_incl[g] += cnt
     pct = lambda c: round(100.0 * c / total, 1)  # noqa: E731
-    tollway = {k: v for k, v in incl_c.items()
-               if group_of(parse_frame(k)[1]).startswith("tollway")}
+    tollway = {k: v for k, v in incl_c.items() if group_of(parse_frame(k)[1]).startswith("tollway")}
     return {
         "file": str(path),
         "samples": total,
@@ -106,14 +105,12 @@ def summarise(path: Path, top: int = 25) -> dict:
         "total_by_group_pct": {g: pct(c) for g, c in group_incl.most_common()},
         "top_self_pct": [(k, pct(c)) for k, c in self_c.most_common(top)],
         "top_total_pct": [(k, pct(c)) for k, c in incl_c.most_common(top)],
-        "tollway_functions_total_pct": [(k, pct(c)) for k, c in
-                                        Counter(tollway).most_common(top)],
+        "tollway_functions_total_pct": [(k, pct(c)) for k, c in Counter(tollway).most_common(top)],
     }
 
 
 def to_text(s: dict) -> str:
-    out = [f"profile {s['file']}: {s['samples']} busy samples", "",
-           "self time by package (%):"]
+    out = [f"profile {s['file']}: {s['samples']} busy samples", "", "self time by package (%):"]
     out += [f"  {v:5.1f}  {k}" for k, v in s["self_by_group_pct"].items()]
     out += ["", "time with the package on the stack (%):"]
     out += [f"  {v:5.1f}  {k}" for k, v in s["total_by_group_pct"].items()]
@@ -144,8 +141,17 @@ def to_speedscope(path: Path, out: Path) -> None:
     doc = {
         "$schema": "https://www.speedscope.app/file-format-schema.json",
         "shared": {"frames": frames},
-        "profiles": [{"type": "sampled", "name": path.name, "unit": "none", "startValue": 0,
-                      "endValue": sum(weights), "samples": samples, "weights": weights}],
+        "profiles": [
+            {
+                "type": "sampled",
+                "name": path.name,
+                "unit": "none",
+                "startValue": 0,
+                "endValue": sum(weights),
+                "samples": samples,
+                "weights": weights,
+            }
+        ],
         "name": path.name,
         "exporter": "bench/stacks.py",
     }

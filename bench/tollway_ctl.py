@@ -19,8 +19,13 @@ ROOT = Path(__file__).resolve().parent.parent
 HUGE = 1_000_000_000
 
 
-def http(method: str, url: str, body: dict | None = None, headers: dict | None = None,
-         timeout: float = 10.0) -> tuple[int, dict, object]:
+def http(
+    method: str,
+    url: str,
+    body: dict | None = None,
+    headers: dict | None = None,
+    timeout: float = 10.0,
+) -> tuple[int, dict, object]:
     data = json.dumps(body).encode() if body is not None else None
     h = {"Content-Type": "application/json"} if data is not None else {}
     h.update(headers or {})
@@ -94,8 +99,9 @@ class Setup:
 
 
 class TollwayInstance:
-    def __init__(self, mode: Mode, workdir: Path, pg_base: str, redis_base: str,
-                 redis_db: int, stamp: str) -> None:
+    def __init__(
+        self, mode: Mode, workdir: Path, pg_base: str, redis_base: str, redis_db: int, stamp: str
+    ) -> None:
         self.mode = mode
         self.workdir = workdir
         self.pg_base = pg_base.rstrip("/")
@@ -109,14 +115,16 @@ class TollwayInstance:
     def env(self, port: int) -> dict:
         self.port = port
         env = dict(os.environ)
-        env.update({
-            "TOLLWAY_HOST": "127.0.0.1",
-            "TOLLWAY_PORT": str(port),
-            "TOLLWAY_WORKERS": str(self.mode.workers),
-            "TOLLWAY_ADMIN_KEY": self.admin,
-            "TOLLWAY_ALLOW_PRIVATE_UPSTREAMS": "true",
-            "TOLLWAY_IP_RATE_LIMIT": "0",
-        })
+        env.update(
+            {
+                "TOLLWAY_HOST": "127.0.0.1",
+                "TOLLWAY_PORT": str(port),
+                "TOLLWAY_WORKERS": str(self.mode.workers),
+                "TOLLWAY_ADMIN_KEY": self.admin,
+                "TOLLWAY_ALLOW_PRIVATE_UPSTREAMS": "true",
+                "TOLLWAY_IP_RATE_LIMIT": "0",
+            }
+        )
         env.pop("TOLLWAY_REDIS_URL", None)
         if self.mode.db == "sqlite":
             db = self.workdir / f"{self.mode.name}.db"
@@ -133,8 +141,16 @@ class TollwayInstance:
         return env
 
     def command(self, port: int) -> list[str]:
-        return [tollway_bin(), "serve", "--host", "127.0.0.1", "--port", str(port),
-                "--workers", str(self.mode.workers)]
+        return [
+            tollway_bin(),
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            str(self.mode.workers),
+        ]
 
     def cleanup(self) -> None:
         if self.mode.db == "pg":
@@ -186,16 +202,22 @@ def setup(base: str, admin: str, upstream: str) -> Setup:
     tag = secrets.token_hex(4)
 
     def key(owner: str, role: str, auth: dict | None) -> str:
-        st, _, b = http("POST", f"{api}/keys",
-                        {"owner_id": owner, "role": role, "rate_limit": HUGE}, auth)
+        st, _, b = http(
+            "POST", f"{api}/keys", {"owner_id": owner, "role": role, "rate_limit": HUGE}, auth
+        )
         if st in (400, 422):  # a ceiling on rate_limit: retry with a still-large value
             s.notes.append(f"rate_limit {HUGE} refused ({st}); used 1000000")
-            st, _, b = http("POST", f"{api}/keys",
-                            {"owner_id": owner, "role": role, "rate_limit": 1_000_000}, auth)
+            st, _, b = http(
+                "POST",
+                f"{api}/keys",
+                {"owner_id": owner, "role": role, "rate_limit": 1_000_000},
+                auth,
+            )
         if st in (401, 403) and auth is None:
             s.notes.append("buyer key creation needed the admin key")
-            st, _, b = http("POST", f"{api}/keys",
-                            {"owner_id": owner, "role": role, "rate_limit": HUGE}, adm)
+            st, _, b = http(
+                "POST", f"{api}/keys", {"owner_id": owner, "role": role, "rate_limit": HUGE}, adm
+            )
         return _key(_expect(st, b, 201, f"POST /keys ({role} {owner})"))
 
     s.provider = key(f"bench-provider-{tag}", "provider", adm)
@@ -204,17 +226,36 @@ def setup(base: str, admin: str, upstream: str) -> Setup:
     s.buyer_free = key(f"bench-buyer-free-{tag}", "buyer", None)
     s.buyer_poor = key(f"bench-buyer-poor-{tag}", "buyer", None)
     prov = {"Authorization": f"Bearer {s.provider}"}
-    st, _, b = http("POST", f"{api}/services", {
-        "name": f"bench-free-{tag}", "endpoint": upstream, "price_per_call": "0.000001",
-        "free_tier_calls": HUGE}, prov)
+    st, _, b = http(
+        "POST",
+        f"{api}/services",
+        {
+            "name": f"bench-free-{tag}",
+            "endpoint": upstream,
+            "price_per_call": "0.000001",
+            "free_tier_calls": HUGE,
+        },
+        prov,
+    )
     s.svc_free = str(_expect(st, b, 201, "POST /services (free tier)")["id"])
-    st, _, b = http("POST", f"{api}/services", {
-        "name": f"bench-paid-{tag}", "endpoint": upstream, "price_per_call": "0.000001",
-        "free_tier_calls": 0}, prov)
+    st, _, b = http(
+        "POST",
+        f"{api}/services",
+        {
+            "name": f"bench-paid-{tag}",
+            "endpoint": upstream,
+            "price_per_call": "0.000001",
+            "free_tier_calls": 0,
+        },
+        prov,
+    )
     s.svc_paid = str(_expect(st, b, 201, "POST /services (priced)")["id"])
-    st, _, b = http("POST", f"{api}/admin/credit",
-                    {"owner_id": rich_owner, "amount": "1000.00", "asset": "USDC"},
-                    {**adm, "Idempotency-Key": str(uuid.uuid4())})
+    st, _, b = http(
+        "POST",
+        f"{api}/admin/credit",
+        {"owner_id": rich_owner, "amount": "1000.00", "asset": "USDC"},
+        {**adm, "Idempotency-Key": str(uuid.uuid4())},
+    )
     if st not in (200, 201):
         raise RuntimeError(f"POST /admin/credit: HTTP {st}: {str(b)[:300]}")
     return s

@@ -33,10 +33,10 @@ async def sse(request: web.Request) -> web.StreamResponse:
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
     )
     await resp.prepare(request)
-    await resp.write(b"event: message\ndata: {\"seq\": 0}\n\n")
+    await resp.write(b'event: message\ndata: {"seq": 0}\n\n')
     for i in range(1, n + 1):
         await asyncio.sleep(0.010)
-        await resp.write(b"event: message\ndata: {\"seq\": %d}\n\n" % i)
+        await resp.write(b'event: message\ndata: {"seq": %d}\n\n' % i)
     await resp.write_eof()
     return resp
 
