@@ -69,7 +69,8 @@ def machine_info() -> dict:
     wrk = shutil.which("wrk")
     if wrk:
         r = subprocess.run([wrk, "--version"], capture_output=True, text=True, timeout=5)
-        info["wrk"] = (r.stdout + r.stderr).splitlines()[0] if (r.stdout + r.stderr) else wrk
+        first = (r.stdout + r.stderr).splitlines()[0] if (r.stdout + r.stderr) else wrk
+        info["wrk"] = " ".join(first.split()[:3])
     try:
         info["git_head"] = subprocess.run(
             ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
