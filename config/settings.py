@@ -93,6 +93,10 @@ class Settings:
     evm_gas_private_key: str | None = None
     evm_confirmations: int = 1
     x402_facilitator_url: str | None = None
+    # Tokens offered through x402, "domain_chain_id:token_address"; empty means
+    # evm_chain_id:evm_token_address. A domain chain id such as 84532 lets v1
+    # clients pay as "base-sepolia".
+    x402_tokens: list[str] = field(default_factory=list)
     invoice_ttl_seconds: int = 900
     invoice_mint_rate_limit: int = 120
     cardano_backend_url: str | None = None
@@ -204,6 +208,10 @@ def validate(s: Settings) -> Settings:
     _check("log_level", s.log_level in ("debug", "info", "warning", "error"), "debug|info|warning|error")
     _check("evm_confirmations", s.evm_confirmations >= 0, "must be >= 0")
     _check("invoice_ttl_seconds", s.invoice_ttl_seconds > 0, "must be positive")
+    for entry in s.x402_tokens:
+        cid, sep, addr = entry.partition(":")
+        _check("x402_tokens", bool(sep and cid.isdigit() and addr.startswith("0x") and len(addr) == 42),
+               "entries must be domain_chain_id:0xTokenAddress")
     _check("invoice_batch_target", s.invoice_batch_target >= 1, "must be >= 1")
     _check("stripe_units_per_cent", s.stripe_units_per_cent > 0, "must be positive")
     _check("webhook_max_per_owner", s.webhook_max_per_owner >= 1, "must be >= 1")

@@ -223,7 +223,8 @@ async def expire_holds(tx: Tx, now: int, limit: int = 500) -> int:
     for r in rows:
         if not await _resolve_hold(tx, r["id"], "expired", now):
             continue
-        owner = r["account_id"].split(":", 2)[1]
+        # wallet:{owner}:{asset}; owners may themselves contain ':'
+        owner = r["account_id"][len("wallet:"): -len(r["asset"]) - 1]
         await tx.transfer(
             Transfer(new_id("tr"), j.holding(r["asset"]), j.wallet(owner, r["asset"]), r["amount"],
                      "expire", f"void:{r['id']}", usage_id=r["usage_id"], hold_id=r["id"]),

@@ -25,7 +25,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from billing.errors import PaymentRequired
+from billing.errors import BillingError, PaymentRequired
 from billing.metering import Ticket
 from billing.money import format_amount
 from config.netpolicy import AddressForbidden
@@ -161,11 +161,15 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         raise ApiError(400, "invalid_idempotency_key", "Idempotency-Key must be 1..255 characters")
 
     paid = None
-    if key is None or (rt.payments is not None and rt.payments.carries_payment(request)):
+    if rt.payments is not None and (key is None or rt.payments.carries_payment(request)):
         # A payment carried on this request (x402 header or invoice): the payments layer decides.
-        paid = await rt.payments.accept(request, svc, key, usage_id)  # type: ignore[union-attr]
+        paid = await rt.payments.accept(request, svc, key, usage_id)
+        if paid is None:
+            metrics.REQUESTS.labels(svc.id, "payment_required").inc()
+            return await rt.payments.payment_required(request, svc, key, "payment required")
         ticket = paid.ticket
     else:
+        assert key is not None
         try:
             ticket = await rt.meter.begin(key.owner_id, svc, usage_id, idem)
         except PaymentRequired as exc:
@@ -176,7 +180,9 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
 
     q = request.raw_path.find("?")
     url = target.base + tail + (request.raw_path[q:] if q >= 0 else "")
-    body = _Body(request.content, rt.settings.max_body_bytes) if request.body_exists else None
+    body: Any = _Body(request.content, rt.settings.max_body_bytes) if request.body_exists else None
+    if paid is not None and paid.body is not None:
+        body = paid.body  # already read whole to check an invoice's binding
     t_up = time.perf_counter()
     try:
         up = await rt.session.request(
@@ -184,7 +190,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
             data=body, allow_redirects=False,
         )
     except BaseException as exc:
-        status, code, msg = _upstream_failure(exc, body)
+        status, code, msg = _upstream_failure(exc, body if isinstance(body, _Body) else None)
         await _settle(rt, request, ticket, paid, None, t_up, body, 0, rid)
         rt.counters.inc(svc.id, code)
         if isinstance(exc, asyncio.CancelledError):
@@ -202,9 +208,13 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
 
     served = up.status < 500
     known_len = up.content_length
-    settle = asyncio.ensure_future(
-        _settle(rt, request, ticket, paid, up.status, t_up, body, known_len or 0, rid, latency=latency)
-    )
+    # The charge commits before the first byte goes out: once a client sees
+    # the headers, its balance and usage already say so.
+    try:
+        await _settle(rt, request, ticket, paid, up.status, t_up, body, known_len or 0, rid, latency=latency)
+    except BillingError:
+        up.release()  # x402 settlement failed: the response is not delivered unpaid
+        raise
     resp = web.StreamResponse(status=up.status, reason=up.reason)
     h = resp.headers
     conn = up.headers.get("Connection")
@@ -228,9 +238,6 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     metrics.UPSTREAM_LATENCY.observe(latency)
     metrics.OVERHEAD.observe(t_up - t0)
 
-    # The charge commits before the first byte goes out: once a client sees
-    # the headers, its balance and usage already say so.
-    await settle
     sent = 0
     try:
         await resp.prepare(request)
@@ -248,8 +255,9 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         return resp
     finally:
         up.release()
-    if known_len is None or (body is not None and body.count != (request.content_length or body.count)):
-        rt.amend_usage(ticket.usage_id, body.count if body else 0, sent)
+    counted = body.count if isinstance(body, _Body) else (len(body) if body else 0)
+    if known_len is None or (isinstance(body, _Body) and counted != (request.content_length or counted)):
+        rt.amend_usage(ticket.usage_id, counted, sent)
     await resp.write_eof()
     return resp
 
@@ -271,19 +279,21 @@ def _upstream_failure(exc: BaseException, body: _Body | None) -> tuple[int, str,
 
 async def _settle(
     rt: Runtime, request: web.Request, ticket: Ticket, paid: Any, status: int | None, t_up: float,
-    body: _Body | None, bytes_out: int, rid: str, *, latency: float | None = None,
+    body: Any, bytes_out: int, rid: str, *, latency: float | None = None,
 ) -> None:
     outcome = rt.meter.outcome(
         ticket, upstream_status=status,
         latency_ms=None if latency is None else round(latency * 1000, 3),
-        bytes_in=request.content_length or (body.count if body else 0),
+        bytes_in=request.content_length or (body.count if isinstance(body, _Body) else len(body or b"")),
         bytes_out=bytes_out, request_id=rid,
     )
     try:
         if paid is not None:
-            charged = await rt.payments.finish(paid, outcome)  # type: ignore[union-attr]
+            charged = await rt.payments.finish(paid, outcome)
         else:
             charged = await rt.meter.finish(outcome)
+    except BillingError:
+        raise
     except Exception:
         # The hold stays pending and the sweeper voids it at expiry: the buyer
         # is never charged for a call whose record could not be written.

@@ -1,0 +1,328 @@
+"""Invoice payments: the 402 invoice, paid on chain, retried with proof.
+
+An invoice is minted with a 402 answer and bound to that request (method,
+path with query, body hash). The retry carries ``X-Invoice-Id`` and
+``X-Payment`` (an EVM transaction hash, a Cardano transaction hash, or a
+signed Cardano transaction in CBOR). The payment is verified on its chain,
+then consumed in one transaction: the payment's (rail, tx) becomes unique in
+``payments`` (one payment pays one invoice, ever), the invoice flips from
+open to paid, the amount received is credited to the payer's wallet and this
+call's price is held from it. A batch invoice (``batchTarget`` > 1) leaves
+the rest in the wallet of (partner, wallet address); later calls that show
+the paid invoice id and that address draw from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import secrets
+from dataclasses import dataclass, field, replace
+from fractions import Fraction
+from typing import Any
+
+from billing.errors import BillingError, PaymentConflict, PaymentRejected
+from billing.money import format_amount
+from ledger import journal as j
+from ledger import ops
+from ledger.db import Row, Store, Tx
+from ledger.journal import Transfer, new_id, now_ms
+from ledger.registry import Service
+from ledger.writer import GroupCommitWriter
+
+INVOICE_VERSION = "0.1"
+
+
+def body_hash(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
+@dataclass(frozen=True)
+class Binding:
+    method: str
+    path: str
+    body_hash: str
+
+
+@dataclass(frozen=True)
+class EvmTerms:
+    chain_id: int
+    token: str
+    pay_to: str
+    confirmations: int
+    decimals: int = 6
+    asset: str = "USDC"
+
+    @property
+    def chain(self) -> str:
+        return f"eip155:{self.chain_id}"
+
+
+@dataclass(frozen=True)
+class CardanoTerms:
+    network: str
+    pay_to: str
+    unit: str  # "lovelace" or policy id + asset name hex
+    rate: Fraction  # Cardano units per ledger unit of the service price
+    splits: tuple[tuple[str, int], ...]  # (address, basis points of the invoice amount)
+    confirmations: int
+    decimals: int = 6
+
+    @property
+    def chain(self) -> str:
+        return f"cardano-{self.network}"
+
+    @property
+    def asset(self) -> str:
+        return "ADA" if self.unit == "lovelace" else self.unit
+
+
+@dataclass
+class PaidInvoice:
+    invoice: Row
+    owner_id: str
+    service: Service  # priced in the invoice's asset
+    reserved: ops.Reserved
+    payment_id: str | None = None
+    credited: int = 0
+
+
+@dataclass
+class InvoiceBook:
+    store: Store
+    writer: GroupCommitWriter
+    partner: str
+    ttl_ms: int
+    hold_ttl_ms: int
+    default_batch: int
+    evm: EvmTerms | None = None
+    evm_client: Any = None
+    cardano: CardanoTerms | None = None
+    cardano_rail: Any = None
+    _chains: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._chains = [t.chain for t in (self.evm, self.cardano) if t is not None]
+
+    @property
+    def chains(self) -> list[str]:
+        return list(self._chains)
+
+    def _terms(self, chain: str) -> EvmTerms | CardanoTerms:
+        c = chain.lower()
+        t: EvmTerms | CardanoTerms | None = None
+        if c.startswith("cardano"):
+            t = self.cardano
+        elif c.startswith(("eip155", "evm")):
+            t = self.evm
+        if t is not None:
+            return t
+        raise BillingError(f"no invoice rail for chain {chain!r}; offered: {', '.join(self._chains)}",
+                           code="unsupported_chain", status=400)
+
+    # ------------------------------------------------------------------ minting
+
+    async def mint(
+        self,
+        svc: Service,
+        binding: Binding,
+        *,
+        owner_id: str | None,
+        wallet_address: str | None,
+        chain: str | None = None,
+        batch_target: int | None = None,
+    ) -> dict[str, Any]:
+        terms = self._terms(chain) if chain else (self.evm or self.cardano)
+        assert terms is not None
+        batch = batch_target or self.default_batch
+        if batch > 1 and not wallet_address:
+            raise BillingError(
+                "a prepaid batch needs X-Wallet-Address to know whose balance to credit",
+                code="wallet_address_required_for_prepaid_batches", status=400,
+            )
+        if isinstance(terms, CardanoTerms):
+            price = math.ceil(svc.price_units * terms.rate)
+            token = terms.unit
+        else:
+            price = svc.price_units
+            token = terms.token
+        amount = price * batch
+        outputs = []
+        if isinstance(terms, CardanoTerms):
+            outputs = [
+                {"address": addr, "unit": terms.unit, "amount": str(max(1, amount * bps // 10_000))}
+                for addr, bps in terms.splits
+            ]
+        inv_id = "inv_" + secrets.token_urlsafe(18)
+        now = now_ms()
+        if owner_id is None:
+            owner_id = f"{self.partner}:{wallet_address}" if wallet_address else f"invoice:{inv_id}"
+        await self.store.execute(
+            "INSERT INTO invoices (id, service_id, chain, asset, token, amount, decimals, price, batch_target,"
+            " pay_to, outputs, partner, wallet_address, owner_id, req_method, req_path, req_body_hash, status,"
+            " created_at, expires_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,'open',$18,$19)",
+            inv_id, svc.id, terms.chain, terms.asset, token, amount, terms.decimals, price, batch, terms.pay_to,
+            json.dumps(outputs), self.partner, wallet_address, owner_id, binding.method, binding.path,
+            binding.body_hash, now, now + self.ttl_ms,
+        )
+        row = await self.store.fetchrow("SELECT * FROM invoices WHERE id = $1", inv_id)
+        assert row is not None
+        return self.detail(row)
+
+    def detail(self, inv: Row) -> dict[str, Any]:
+        extra: dict[str, Any] = {"partner": inv["partner"], "batchTarget": int(inv["batch_target"]),
+                                 "outputs": json.loads(inv["outputs"])}
+        if inv["chain"].startswith("cardano"):
+            extra["lovelace"] = inv["token"] == "lovelace"
+        else:
+            extra["token"] = inv["token"]
+        return {
+            "version": INVOICE_VERSION,
+            "invoiceId": inv["id"],
+            "chain": inv["chain"],
+            "asset": inv["asset"],
+            "amountUnits": str(inv["amount"]),
+            "decimals": int(inv["decimals"]),
+            "payTo": inv["pay_to"],
+            "timeout": max(0, (int(inv["expires_at"]) - now_ms()) // 1000),
+            "extra": extra,
+        }
+
+    # ------------------------------------------------------------------ paying
+
+    async def get(self, invoice_id: str) -> Row | None:
+        return await self.store.fetchrow("SELECT * FROM invoices WHERE id = $1", invoice_id)
+
+    async def pay(
+        self, invoice_id: str, payment: str, binding: Binding, svc: Service, usage_id: str
+    ) -> PaidInvoice:
+        inv = await self.get(invoice_id)
+        if inv is None or inv["service_id"] != svc.id:
+            raise PaymentRejected("unknown invoice for this service", code="invoice_not_found")
+        if inv["status"] == "paid":
+            raise PaymentConflict("this invoice is already paid", code="invoice_already_used")
+        if int(inv["expires_at"]) < now_ms():
+            raise PaymentRejected("the invoice has expired; request a new one", code="invoice_expired")
+        if (inv["req_method"], inv["req_path"], inv["req_body_hash"]) != (binding.method, binding.path, binding.body_hash):
+            raise PaymentConflict(
+                "this invoice was minted for another request (method, path or body differ)",
+                code="invoice_request_mismatch",
+            )
+        rail, tx_ref, received = await self._verify(inv, payment.strip())
+        priced = replace(svc, price_units=int(inv["price"]), asset=inv["asset"], free_tier_calls=0)
+        owner, asset, price = inv["owner_id"], inv["asset"], int(inv["price"])
+        hold_ttl = self.hold_ttl_ms
+        payment_id = new_id("pay")
+
+        async def consume(tx: Tx) -> ops.Reserved:
+            now = now_ms()
+            taken = await tx.fetchval(
+                "SELECT id FROM payments WHERE rail = $1 AND external_ref = $2", rail, tx_ref
+            )
+            if taken is not None:
+                raise PaymentConflict("this transaction already paid an invoice", code="payment_already_used")
+            await tx.execute(
+                "INSERT INTO payments (id, rail, external_ref, owner_id, asset, amount, status, detail, created_at)"
+                " VALUES ($1, $2, $3, $4, $5, $6, 'credited', $7, $8)",
+                payment_id, rail, tx_ref, owner, asset, received, json.dumps({"invoice": invoice_id}), now,
+            )
+            flipped = await tx.execute(
+                "UPDATE invoices SET status = 'paid', payment_id = $2, paid_at = $3"
+                " WHERE id = $1 AND status = 'open' AND expires_at >= $3",
+                invoice_id, payment_id, now,
+            )
+            if flipped != 1:
+                raise PaymentConflict("this invoice is already paid", code="invoice_already_used")
+            await tx.transfer(
+                Transfer(new_id("tr"), j.world(asset), j.wallet(owner, asset), received, "invoice_deposit",
+                         f"invoice:{invoice_id}", payment_id=payment_id),
+                now=now,
+            )
+            return await ops.reserve(tx, ops.Reservation(usage_id, owner, svc.id, 0, price, asset, hold_ttl))
+
+        try:
+            reserved = await self.writer.submit(consume)
+        except Exception as exc:
+            if "unique" in str(exc).lower() or "duplicate" in type(exc).__name__.lower():
+                raise PaymentConflict("this transaction already paid an invoice", code="payment_already_used") from None
+            raise
+        return PaidInvoice(inv, owner, priced, reserved, payment_id, received)
+
+    async def draw(self, invoice_id: str, wallet_address: str | None, svc: Service, usage_id: str) -> PaidInvoice:
+        """A later call of a paid batch: the paid invoice id and its wallet address draw from the batch."""
+        inv = await self.get(invoice_id)
+        if inv is None or inv["service_id"] != svc.id:
+            raise PaymentRejected("unknown invoice for this service", code="invoice_not_found")
+        if inv["status"] != "paid":
+            raise PaymentRejected("this invoice is not paid; send X-Payment with it", code="invoice_unpaid")
+        if not wallet_address:
+            raise BillingError("X-Wallet-Address is required to draw from a prepaid batch",
+                               code="wallet_address_required_for_prepaid_batches", status=400)
+        if (inv["wallet_address"] or "").lower() != wallet_address.lower():
+            raise PaymentRejected("this wallet did not pay that invoice", code="wallet_mismatch")
+        priced = replace(svc, price_units=int(inv["price"]), asset=inv["asset"], free_tier_calls=0)
+        r = ops.Reservation(usage_id, inv["owner_id"], svc.id, 0, int(inv["price"]), inv["asset"], self.hold_ttl_ms)
+        reserved = await self.writer.submit(lambda tx: ops.reserve(tx, r))
+        return PaidInvoice(inv, inv["owner_id"], priced, reserved)
+
+    async def _verify(self, inv: Row, payment: str) -> tuple[str, str, int]:
+        """Check the payment on its chain; returns (rail, unique tx reference, amount received)."""
+        chain = inv["chain"]
+        if chain.startswith("eip155:"):
+            if self.evm is None or self.evm_client is None:
+                raise BillingError("EVM payments are not configured", code="unsupported_chain", status=400)
+            t = await self.evm_client.verify_token_transfer(
+                payment, token=inv["token"], pay_to=inv["pay_to"], min_amount=int(inv["amount"]),
+                not_before_unix=int(inv["created_at"]) // 1000, min_confirmations=self.evm.confirmations,
+            )
+            return chain, t.tx_hash.lower(), int(t.amount)
+        if self.cardano is None or self.cardano_rail is None:
+            raise BillingError("Cardano payments are not configured", code="unsupported_chain", status=400)
+        from billing.rails.cardano import CardanoAsset, ExpectedPayment, RequiredOutput
+
+        unit = inv["token"]
+        asset = CardanoAsset.lovelace() if unit == "lovelace" else CardanoAsset.from_unit(unit)
+        splits = tuple(
+            RequiredOutput(o["address"], asset, int(o["amount"])) for o in json.loads(inv["outputs"])
+        )
+        expected = ExpectedPayment(inv["pay_to"], asset, int(inv["amount"]), splits)
+        if len(payment) == 64 and all(c in "0123456789abcdefABCDEF" for c in payment):
+            confirmed = await self.cardano_rail.verify_tx_hash(payment, expected, self.cardano.confirmations)
+            tx_id, outputs = confirmed.tx_id, confirmed.outputs
+        else:
+            tx_id, outputs = await self.cardano_rail.verify_and_submit(payment, expected)
+        received = sum(o.amount_of(asset) for o in outputs if o.address == inv["pay_to"])
+        return chain, str(tx_id).lower(), int(received)
+
+    # ------------------------------------------------------------------ status
+
+    async def status(self, invoice_id: str) -> dict[str, Any] | None:
+        inv = await self.get(invoice_id)
+        if inv is None:
+            return None
+        status = inv["status"]
+        if status == "open" and int(inv["expires_at"]) < now_ms():
+            status = "expired"
+        out = self.detail(inv)
+        out.update({"status": status, "serviceId": inv["service_id"], "paidAt": inv["paid_at"]})
+        if inv["payment_id"]:
+            ref = await self.store.fetchval("SELECT external_ref FROM payments WHERE id = $1", inv["payment_id"])
+            out["paymentTx"] = ref
+        return out
+
+    async def balance(self, partner: str, wallet: str) -> dict[str, Any]:
+        owner = f"{partner}:{wallet}"
+        rows = await self.store.fetch(
+            "SELECT asset, balance FROM accounts WHERE kind = 'wallet' AND owner_id = $1 ORDER BY asset", owner
+        )
+        decimals = {t.asset: t.decimals for t in (self.evm, self.cardano) if t is not None}
+        return {
+            "partner": partner,
+            "wallet": wallet,
+            "balances": [
+                {"asset": r["asset"], "amountUnits": str(r["balance"]),
+                 "amount": format_amount(int(r["balance"]), decimals.get(r["asset"], 6))}
+                for r in rows
+            ],
+        }
