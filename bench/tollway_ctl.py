@@ -8,6 +8,7 @@ import json
 import os
 import secrets
 import shutil
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -45,9 +46,9 @@ def http(
 def tollway_bin() -> str:
     if os.environ.get("BENCH_TOLLWAY_BIN"):  # another build, or a stand-in while developing
         return os.environ["BENCH_TOLLWAY_BIN"]
-    cand = ROOT / ".venv" / "bin" / "tollway"
-    if cand.exists():
-        return str(cand)
+    for cand in (ROOT / ".venv" / "bin" / "tollway", Path(sys.executable).parent / "tollway"):
+        if cand.exists():
+            return str(cand)
     found = shutil.which("tollway")
     if not found:
         raise RuntimeError("tollway console script not found (.venv/bin/tollway)")
