@@ -1,7 +1,252 @@
-"""Routes of this feature (see FEATURE_MODULES in proxy.app)."""
+"""The wallet API: balance, journal lines, on-chain deposits and withdrawals.
+
+Every route answers for the caller's own wallet only: the owner is the key's
+owner, never a field of the request. Amounts are decimal strings here and
+integers everywhere below.
+"""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-ROUTES: list[tuple[str, str, Any]] = []
+from aiohttp import web
+
+from billing.money import AmountError, format_amount, parse_amount
+from billing.rails.evm import EvmClient
+from billing.wallets import (
+    FAILED,
+    PAID,
+    REVERSED,
+    UNKNOWN,
+    EvmWalletConfig,
+    EvmWallets,
+    balances,
+    chain_names,
+    journal_lines,
+    list_withdrawals,
+    source_account,
+    withdrawal_view,
+)
+from ledger.registry import KeyRecord
+from proxy.auth import require_role
+from proxy.errors import ApiError, json_response, read_json
+from proxy.runtime import RT, Runtime
+from proxy.validation import fail, opt_str, query_int, req_str
+
+log = logging.getLogger("tollway.wallet")
+
+# Connect payouts are the other withdrawal method; their service lives with the Stripe routes.
+CONNECT_METHODS = ("stripe_connect", "stripe", "connect")
+
+
+def evm_wallets(rt: Runtime) -> EvmWallets:
+    w: EvmWallets | None = getattr(rt, "evm_wallets", None)
+    if w is None:
+        raise ApiError(
+            503, "evm_not_configured",
+            "on-chain wallets are not configured on this server (evm_rpc_url, evm_token_address)",
+        )
+    return w
+
+
+async def _caller(request: web.Request) -> tuple[Runtime, KeyRecord]:
+    rt: Runtime = request.app[RT]
+    key = await rt.keys.authenticate(request)
+    require_role(key, "buyer", "provider")
+    return rt, key
+
+
+def _amount(rt: Runtime, data: dict[str, Any], name: str = "amount") -> int:
+    try:
+        return parse_amount(data.get(name), rt.settings.asset_decimals, allow_zero=False)
+    except AmountError as e:
+        raise fail(name, str(e)) from None
+
+
+def _fmt(rt: Runtime, units: int) -> str:
+    return format_amount(units, rt.settings.asset_decimals)
+
+
+def _line_view(rt: Runtime, line: dict[str, Any]) -> dict[str, Any]:
+    out = dict(line)
+    out["amount_units"] = line["amount"]
+    out["amount"] = _fmt(rt, line["amount"])
+    return out
+
+
+def render_withdrawal(rt: Runtime, w: Any) -> dict[str, Any]:
+    out = withdrawal_view(w)
+    out["amount_units"] = out["amount"]
+    out["amount"] = _fmt(rt, out["amount"])
+    return out
+
+
+# --------------------------------------------------------------------------- reads
+
+
+async def balance(request: web.Request) -> web.Response:
+    rt, key = await _caller(request)
+    per_asset = await balances(rt.store, key.owner_id)
+    if not any(b["asset"] == rt.settings.default_asset for b in per_asset):
+        per_asset.insert(0, {"asset": rt.settings.default_asset, "available": 0, "earnings": 0, "held": 0})
+    recent, _ = await journal_lines(rt.store, key.owner_id, limit=10)
+    return json_response(
+        {
+            "owner_id": key.owner_id,
+            "balances": [
+                {
+                    "asset": b["asset"],
+                    "available": _fmt(rt, b["available"]),
+                    "earnings": _fmt(rt, b["earnings"]),
+                    "held": _fmt(rt, b["held"]),
+                    "available_units": b["available"],
+                    "earnings_units": b["earnings"],
+                    "held_units": b["held"],
+                }
+                for b in per_asset
+            ],
+            "recent": [_line_view(rt, line) for line in recent],
+        }
+    )
+
+
+async def transactions(request: web.Request) -> web.Response:
+    rt, key = await _caller(request)
+    page = query_int(request.query.get("page"), "page", 1, 1, 10**6)
+    size = query_int(request.query.get("page_size"), "page_size", 20, 1, 100)
+    lines, total = await journal_lines(rt.store, key.owner_id, limit=size, offset=(page - 1) * size)
+    return json_response(
+        {
+            "transactions": [_line_view(rt, line) for line in lines],
+            "page": page,
+            "page_size": size,
+            "total": total,
+            "has_more": page * size < total,
+        }
+    )
+
+
+async def withdrawals(request: web.Request) -> web.Response:
+    rt, key = await _caller(request)
+    rows = await list_withdrawals(rt.store, key.owner_id)
+    return json_response({"withdrawals": [render_withdrawal(rt, w) for w in rows]})
+
+
+# --------------------------------------------------------------------------- deposits
+
+
+def _check_chain(rt: Runtime, data: dict[str, Any]) -> None:
+    chain = data.get("chain", "evm")
+    if not isinstance(chain, str) or chain.lower() not in chain_names(rt.settings.evm_chain_id):
+        names = ", ".join(sorted(chain_names(rt.settings.evm_chain_id)))
+        raise fail("chain", f"chain must be one of: {names}")
+
+
+async def deposit(request: web.Request) -> web.Response:
+    rt, key = await _caller(request)
+    wallets = evm_wallets(rt)
+    data = await read_json(request)
+    tx_hash = req_str(data, "tx_hash", max_len=80)
+    _check_chain(rt, data)
+    # The client's figure is only compared with the chain's, never credited.
+    claimed = _amount(rt, data) if data.get("amount") is not None else None
+    rows = await rt.store.fetch(
+        "SELECT DISTINCT wallet_address FROM api_keys WHERE owner_id = $1 AND status = 'active'"
+        " AND wallet_address IS NOT NULL",
+        key.owner_id,
+    )
+    res = await wallets.deposit(key.owner_id, tx_hash, [str(r["wallet_address"]) for r in rows])
+    body = {
+        "status": "credited",
+        "payment_id": res["payment_id"],
+        "tx_hash": res["tx_hash"],
+        "payer": res["payer"],
+        "asset": res["asset"],
+        "amount": _fmt(rt, res["amount"]),
+        "amount_units": res["amount"],
+        "block_number": res["block_number"],
+    }
+    if claimed is not None and claimed != res["amount"]:
+        body["note"] = f"credited the {body['amount']} the chain shows, not the {_fmt(rt, claimed)} claimed"
+    return json_response(body, status=201)
+
+
+# --------------------------------------------------------------------------- withdrawals
+
+
+async def withdraw(request: web.Request) -> web.Response:
+    rt, key = await _caller(request)
+    data = await read_json(request)
+    amount = _amount(rt, data)
+    source_name = opt_str(data, "source", default="wallet", max_len=20) or "wallet"
+    if source_name not in ("wallet", "earnings"):
+        raise fail("source", "source must be wallet or earnings")
+    if source_name == "earnings" and key.role != "provider":
+        raise fail("source", "only providers have earnings to withdraw")
+    source = source_account(key.owner_id, source_name, rt.settings.default_asset)
+    method = data.get("method")
+    chain = data.get("chain")
+    if method is None:
+        method = "stripe_connect" if isinstance(chain, str) and chain.lower() in CONNECT_METHODS else "onchain"
+    if method in CONNECT_METHODS:
+        from proxy.routes.stripe_routes import topups_of
+
+        w = await topups_of(rt).withdraw_to_connect(key.owner_id, source, amount)
+    elif method == "onchain":
+        wallets = evm_wallets(rt)
+        _check_chain(rt, data)
+        to_address = req_str(data, "to_address", max_len=100)
+        w = await wallets.withdraw(key.owner_id, source, amount, to_address)
+    else:
+        raise fail("method", "method must be onchain or stripe_connect")
+    view = render_withdrawal(rt, w)
+    if w["status"] == PAID:
+        return json_response({"withdrawal": view})
+    if w["status"] == UNKNOWN:
+        # Accepted, not failed: the money stays out of the wallet until the payout
+        # is reconciled, because refunding it now could pay twice.
+        return json_response({"withdrawal": view}, status=202)
+    if w["status"] in (FAILED, REVERSED):
+        what = "hold was voided" if w["status"] == FAILED else "debit was reversed"
+        raise ApiError(
+            502, "payout_failed", f"the payout failed and the {what}: {w['error']}",
+            withdrawal_id=w["id"],
+        )
+    return json_response({"withdrawal": view}, status=202)
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+
+async def on_startup(app: web.Application, rt: Runtime) -> None:
+    s = rt.settings
+    rt.evm_wallets = None  # type: ignore[attr-defined]
+    if not (s.evm_rpc_url and s.evm_token_address):
+        return  # the feature answers 503 with a clear error
+    evm = EvmClient(
+        s.evm_rpc_url,
+        expected_chain_id=s.evm_chain_id or None,
+        hot_wallet_key=s.evm_hot_wallet_private_key,
+        payout_token=s.evm_token_address,
+    )
+    config = EvmWalletConfig(
+        token=s.evm_token_address, pay_to=s.evm_pay_to, confirmations=s.evm_confirmations,
+        chain_id=s.evm_chain_id, asset=s.default_asset,
+    )
+    rt.evm_wallets = EvmWallets(rt.store, rt.writer, evm, config)  # type: ignore[attr-defined]
+
+
+async def on_cleanup(app: web.Application, rt: Runtime) -> None:
+    wallets: EvmWallets | None = getattr(rt, "evm_wallets", None)
+    if wallets is not None:
+        await wallets.close()
+
+
+ROUTES: list[tuple[str, str, Any]] = [
+    ("GET", "/wallet/balance", balance),
+    ("GET", "/wallet/transactions", transactions),
+    ("GET", "/wallet/withdrawals", withdrawals),
+    ("POST", "/wallet/deposit", deposit),
+    ("POST", "/wallet/withdraw", withdraw),
+]
