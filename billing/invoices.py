@@ -274,7 +274,9 @@ class InvoiceBook:
                 raise BillingError("EVM payments are not configured", code="unsupported_chain", status=400)
             t = await self.evm_client.verify_token_transfer(
                 payment, token=inv["token"], pay_to=inv["pay_to"], min_amount=int(inv["amount"]),
-                not_before_unix=int(inv["created_at"]) // 1000, min_confirmations=self.evm.confirmations,
+                # Block times have one-second resolution: a transfer in the
+                # invoice's own second counts as after it.
+                not_before_unix=int(inv["created_at"]) // 1000 - 1, min_confirmations=self.evm.confirmations,
             )
             return chain, t.tx_hash.lower(), int(t.amount)
         if self.cardano is None or self.cardano_rail is None:
