@@ -34,7 +34,12 @@ from ledger.writer import GroupCommitWriter
 
 log = logging.getLogger("tollway.wallets")
 
-EVM_RAIL = "evm"  # payments.rail for on-chain token transfers (shared with the 402 rails)
+
+
+def evm_rail(chain_id: int) -> str:
+    """``payments.rail`` of a token transfer on this chain: the CAIP-2 id, as the invoice
+    rail writes it, so one transaction pays an invoice or a deposit, never both."""
+    return f"eip155:{chain_id}"
 
 # Withdrawal holds must never be voided by the expired-hold sweeper: a payout may be
 # in flight (or its outcome unknown), and a sweep refund would let the money leave
@@ -277,10 +282,10 @@ class EvmWallets:
                 "register the wallet address you deposit from on your API key first",
                 code="wallet_address_required", status=422,
             )
-        ref = tx_hash.lower()
+        ref, rail = tx_hash.lower(), evm_rail(cfg.chain_id)
         # Cheap refusal before any chain round trip; the insert below is the real guard.
         if await self.store.fetchval(
-            "SELECT 1 FROM payments WHERE rail = $1 AND external_ref = $2", EVM_RAIL, ref
+            "SELECT 1 FROM payments WHERE rail = $1 AND external_ref = $2", rail, ref
         ):
             raise BillingError("this transaction was already used", code="tx_already_used", status=409)
         try:
@@ -306,13 +311,13 @@ class EvmWallets:
                 "INSERT INTO payments (id, rail, external_ref, owner_id, asset, amount, status,"
                 " detail, created_at) VALUES ($1, $2, $3, $4, $5, $6, 'credited', $7, $8)"
                 " ON CONFLICT (rail, external_ref) DO NOTHING",
-                payment_id, EVM_RAIL, got.tx_hash, owner_id, cfg.asset, got.amount, detail, now,
+                payment_id, rail, got.tx_hash, owner_id, cfg.asset, got.amount, detail, now,
             )
             if not inserted:
                 return False
             await tx.transfer(
                 Transfer(new_id("tr"), j.world(cfg.asset), j.wallet(owner_id, cfg.asset),
-                         got.amount, "deposit", f"deposit:{EVM_RAIL}:{got.tx_hash}",
+                         got.amount, "deposit", f"deposit:{rail}:{got.tx_hash}",
                          payment_id=payment_id),
                 now=now,
             )
