@@ -63,3 +63,15 @@ def test_invalid_config_exits_2_with_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "proxy.cli", "serve", "--config", str(f)], env={k: v for k, v in env.items() if k != "TOLLWAY_UPSTREAM_READ_TIMEOUT"},
                        capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert r.returncode == 2 and "workers" in r.stderr
+
+
+def test_readme_documents_every_setting():
+    import dataclasses
+    import pathlib
+
+    from config.settings import Settings
+
+    readme = (pathlib.Path(__file__).parents[2] / "README.md").read_text()
+    table = readme.split("## Configuration", 1)[1].split("## API overview", 1)[0]
+    missing = [f.name for f in dataclasses.fields(Settings) if f"`{f.name}`" not in table]
+    assert not missing, f"README configuration table lacks {missing}"
