@@ -62,6 +62,9 @@ class Meter:
         self.fee_bps_for = fee_bps_for
 
     async def begin(self, buyer_id: str, service: Service, usage_id: str, idem_key: str | None = None) -> Ticket:
+        if idem_key is None and service.free_tier_calls <= 0 and service.price_units <= 0:
+            # Nothing to reserve or remember: skip the store entirely.
+            return Ticket(usage_id, buyer_id, service, ops.NO_CHARGE, None, 0, 0, False, None)
         res = ops.Reservation(
             usage_id, buyer_id, service.id, service.free_tier_calls, service.price_units,
             service.asset, self.hold_ttl_ms,
@@ -104,7 +107,7 @@ class Meter:
         bytes_out: int,
         request_id: str | None,
     ) -> ops.Outcome:
-        served = upstream_status is not None and upstream_status < 500
+        served = ops.served(upstream_status)
         usage = ops.Usage(
             id=t.usage_id, buyer_id=t.buyer_id, service_id=t.service.id,
             provider_id=t.service.provider_id, asset=t.service.asset,

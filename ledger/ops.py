@@ -173,8 +173,17 @@ async def finish(tx: Tx, o: Outcome) -> int:
     return charged
 
 
+# Recorded (as nginx does) when the client left before the upstream's headers:
+# the call was not delivered, so it is not charged.
+CLIENT_GONE = 499
+
+
+def served(status: int | None) -> bool:
+    return status is not None and status < 500 and status != CLIENT_GONE
+
+
 def _served(u: Usage) -> bool:
-    return u.upstream_status is not None and u.upstream_status < 500
+    return served(u.upstream_status)
 
 
 async def _resolve_hold(tx: Tx, hold_id: str, status: str, now: int) -> bool:

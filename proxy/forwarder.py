@@ -30,6 +30,7 @@ from billing.metering import Ticket
 from billing.money import format_amount
 from config.netpolicy import AddressForbidden
 from ledger.journal import new_id
+from ledger.ops import CLIENT_GONE
 from proxy import metrics
 from proxy.errors import REQUEST_ID, ApiError, request_id
 from proxy.ratelimit import Limit
@@ -202,7 +203,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     if transport is None or transport.is_closing():
         # The client left before the upstream answered: nothing is charged.
         up.release()
-        await _settle(rt, request, ticket, paid, 499, t_up, body, 0, rid, latency=latency)
+        await _settle(rt, request, ticket, paid, CLIENT_GONE, t_up, body, 0, rid, latency=latency)
         rt.counters.inc(svc.id, "client_gone")
         return web.Response(status=499)
 

@@ -187,8 +187,9 @@ async def test_cors_preflight(tmp_path, upstream: Upstream):
         await tw.close()
 
 
-async def test_client_disconnect_is_survived(tollway: InProcess, upstream: Upstream):
-    sid, bkey = await _setup(tollway, upstream)
+async def test_client_gone_before_headers_is_not_charged(tollway: InProcess, upstream: Upstream):
+    sid, bkey = await _setup(tollway, upstream, price="0.50")
+    await tollway.credit("buyer", "1.00")
     with_timeout = aiohttp.ClientTimeout(total=0.3)
     try:
         async with aiohttp.ClientSession(timeout=with_timeout) as s:
@@ -196,6 +197,15 @@ async def test_client_disconnect_is_survived(tollway: InProcess, upstream: Upstr
                 await r.read()
     except asyncio.TimeoutError:
         pass
-    await asyncio.sleep(1.2)
-    st, _, _ = await tollway.call(sid, "echo", bkey)
-    assert st == 200
+    store = tollway.rt.store
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not await store.fetchval("SELECT COUNT(*) FROM usage_records"):
+        await asyncio.sleep(0.05)
+    usage = await store.fetchrow("SELECT amount, outcome, upstream_status FROM usage_records")
+    assert (usage["amount"], usage["outcome"], usage["upstream_status"]) == (0, "voided", 499)
+    assert await store.fetchval("SELECT status FROM holds") == "voided"
+    st, _, h = await tollway.call(sid, "echo", bkey)
+    assert st == 200 and h["X-ACF-Amount"] == "0.50"
+    from ledger import journal as jj
+
+    assert await store.fetchval("SELECT balance FROM accounts WHERE id = $1", jj.wallet("buyer", "USDC").id) == 500_000
