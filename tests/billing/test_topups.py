@@ -210,7 +210,7 @@ async def test_fifty_concurrent_calls_crossing_the_threshold_make_one_payment_in
     assert [r[0] for r in results] == [200] * 50
 
     async def topped_up() -> dict | None:
-        st, body, _ = await tw.api("GET", "/api/v1/wallet/auto-topup", key)
+        _, body, _ = await tw.api("GET", "/api/v1/wallet/auto-topup", key)
         return body if body["state"] == "idle" and body["last_payment_intent"] else None
 
     state = await wait_for(topped_up, what="the auto top-up to finish")
@@ -243,7 +243,7 @@ async def test_declined_auto_topup_cools_down(
         assert st == 200
 
     async def declined() -> dict | None:
-        st, body, _ = await tw.api("GET", "/api/v1/wallet/auto-topup", key)
+        _, body, _ = await tw.api("GET", "/api/v1/wallet/auto-topup", key)
         return body if body["cooldown_until"] else None
 
     state = await wait_for(declined, what="the declined charge to be recorded")

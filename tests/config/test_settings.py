@@ -75,3 +75,12 @@ def test_readme_documents_every_setting():
     table = readme.split("## Configuration", 1)[1].split("## API overview", 1)[0]
     missing = [f.name for f in dataclasses.fields(Settings) if f"`{f.name}`" not in table]
     assert not missing, f"README configuration table lacks {missing}"
+
+
+def test_migrate_command_applies_then_reports_up_to_date(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLWAY_")}
+    cmd = [sys.executable, "-m", "proxy.cli", "migrate", "--database-url", f"sqlite:///{tmp_path}/m.db"]
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert first.returncode == 0 and "applied migrations: [1, 2" in first.stdout
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert second.returncode == 0 and "up to date" in second.stdout

@@ -236,6 +236,8 @@ async def test_sigkill_mid_traffic_leaves_a_clean_ledger(tmp_path, pg_url: str, 
         tw.procs.append(spawn(env, os.path.join(str(tmp_path), "restart.log")))
         await wait_healthy(tw.base, procs=tw.procs[1:])
         await asyncio.sleep(settings["hold_ttl_seconds"] + 2)
+        async with tw.session.get(tw.base + "/metrics") as r:
+            expired_metric = _metric(await r.text(), "tollway_holds_expired_total")
     finally:
         await tw.close()
     r = ledger_verify(pg_url)
@@ -247,6 +249,7 @@ async def test_sigkill_mid_traffic_leaves_a_clean_ledger(tmp_path, pg_url: str, 
         double = await s.fetch("SELECT hold_id, COUNT(*) FROM transfers WHERE kind = 'charge' GROUP BY hold_id HAVING COUNT(*) > 1")
         charge_sum = int(await s.fetchval("SELECT COALESCE(SUM(amount), 0) FROM transfers WHERE kind IN ('charge', 'fee')"))
         pending = int(await s.fetchval("SELECT COUNT(*) FROM holds WHERE status = 'pending'"))
+        expired = int(await s.fetchval("SELECT COUNT(*) FROM holds WHERE status = 'expired'"))
     finally:
         await s.close()
     assert in_flight_at_kill is not None
@@ -255,6 +258,7 @@ async def test_sigkill_mid_traffic_leaves_a_clean_ledger(tmp_path, pg_url: str, 
     assert not double
     assert charge_sum == charged * 1000
     assert pending == 0
+    assert expired == expired_metric  # the restarted process voided the orphans and counted them
     assert statuses.count(200) <= charged
 
 
