@@ -1,4 +1,4 @@
-"""The ``tollway`` command: serve, migrate, demo, ledger verify, receipt verify."""
+"""The ``tollway`` command: serve, migrate, demo, ledger verify, settle, receipt verify."""
 
 from __future__ import annotations
 
@@ -155,6 +155,76 @@ def cmd_receipt_verify(args: argparse.Namespace, rest: Sequence[str]) -> int:
     return receipt_verify_main(list(rest))
 
 
+# --------------------------------------------------------------------------- settle
+
+
+class _Bar:
+    """A plain-text progress bar on stderr, no dependency: redrawn in place on a
+    terminal, a line per tenth otherwise (logs stay readable)."""
+
+    def __init__(self, label: str, width: int = 30):
+        self.label, self.width = label, width
+        self.tty = sys.stderr.isatty()
+        self._last = -1
+
+    def __call__(self, done: int, total: int) -> None:
+        frac = 1.0 if total <= 0 else min(1.0, done / total)
+        step = int(frac * 10)
+        if not self.tty and step == self._last:
+            return
+        self._last = step
+        filled = int(frac * self.width)
+        line = f"{self.label} [{'#' * filled}{'.' * (self.width - filled)}] {done}/{total}"
+        sys.stderr.write(("\r" + line) if self.tty else (line + "\n"))
+        if self.tty and frac >= 1.0:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+async def _settle(settings: Settings, period: str, provider: str | None, asset: str | None) -> int:
+    from billing import settlements as st
+    from billing.errors import BillingError
+    from billing.money import format_amount
+    from ledger.db import open_store
+
+    try:
+        start, end = st.month_bounds(period)
+    except BillingError as e:
+        print(f"tollway settle: {e.message}", file=sys.stderr)
+        return 2
+    asset = asset or settings.default_asset
+    store = open_store(settings.database_url)
+    await store.connect()
+    try:
+        await store.migrate()
+        policy = st.FeePolicy.from_settings(settings)
+        providers = [provider] if provider else await st.providers_with_unsettled(store, asset, start, end)
+        if not providers:
+            print(f"nothing to settle for {period}")
+            return 0
+        d = settings.asset_decimals
+        for pid in providers:
+            res = await st.create_settlement(store, policy, pid, asset, start, end, progress=_Bar(f"settling {pid}"))
+            if res.settlement is None:
+                print(f"{pid}: nothing to settle for {period}")
+                continue
+            r = res.settlement
+            print(
+                f"{pid}: settlement {r['id']} {'created' if res.created else 'exists'}:"
+                f" {int(r['call_count'])} charges, gross {format_amount(int(r['gross']), d)},"
+                f" fee {format_amount(int(r['fee']), d)}, net {format_amount(int(r['net']), d)} {asset}"
+                f" ({r['status']})"
+            )
+        return 0
+    finally:
+        await store.close()
+
+
+def cmd_settle(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    return _run(_settle(settings, args.period, args.provider, args.asset))
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from proxy.demo import run_demo
 
@@ -193,6 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
     v = lsub.add_parser("verify", help="check the ledger's invariants; exit 1 on any violation")
     _common(v)
 
+    st = sub.add_parser("settle", help="settle providers' unsettled charges of a month")
+    _common(st)
+    st.add_argument("--period", required=True, help="the month, YYYY-MM (UTC)")
+    st.add_argument("--provider", help="one provider (default: every provider with unsettled charges)")
+    st.add_argument("--asset", help="asset to settle (default: the default asset)")
+
     r = sub.add_parser("receipt", help="receipt tools")
     rsub = r.add_subparsers(dest="receipt_command", required=True)
     rsub.add_parser("verify", help="verify a receipt offline: tollway receipt verify RECEIPT --keys FILE|URL",
@@ -214,6 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_demo(args)
         if args.command == "ledger":
             return cmd_ledger_verify(args)
+        if args.command == "settle":
+            return cmd_settle(args)
     except SettingsError as e:
         print(f"tollway: {e}", file=sys.stderr)
         return 2
