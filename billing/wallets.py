@@ -104,7 +104,7 @@ async def balances(store: Store, owner_id: str) -> list[dict[str, Any]]:
             entry["available"] = int(r["balance"])
         elif r["kind"] == "earnings":
             entry["earnings"] = int(r["balance"])
-    for asset, total in held.items():
+    for asset in held:
         out.setdefault(asset, {"asset": asset, "available": 0, "earnings": 0})
     for asset, entry in out.items():
         entry["held"] = held.get(asset, 0)
@@ -388,7 +388,7 @@ class EvmWallets:
                     "UPDATE withdrawals SET from_block = $2 WHERE id = $1", wid, from_block
                 )
             )
-        except Exception as exc:  # node down before anything was sent: a clean failure
+        except Exception as exc:  # noqa: BLE001 - nothing was sent yet: any failure is clean
             return await self._void(w, f"EVM node unreachable: {exc}")
         try:
             tx_hash = await self.evm.send_token(w["destination"], int(w["amount"]), token=self.config.token)
@@ -402,9 +402,12 @@ class EvmWallets:
         except Exception as exc:  # anything else after the call started: do not guess
             log.exception("payout %s ended unexpectedly", wid)
             return await self._unknown(w, f"unexpected: {exc}")
-        now = now_ms()
-        await self.writer.submit(lambda tx: post_withdrawal_hold(tx, w, tx_hash.lower(), now))
+        await self._post(w, tx_hash.lower())
         return await self._reload(wid)
+
+    async def _post(self, w: Row, tx_hash: str | None) -> None:
+        now = now_ms()
+        await self.writer.submit(lambda tx: post_withdrawal_hold(tx, w, tx_hash, now))
 
     async def _void(self, w: Row, error: str) -> Row:
         now = now_ms()
@@ -436,27 +439,25 @@ class EvmWallets:
         w = await self._reload(wid)
         if w["status"] != UNKNOWN or w["method"] != "onchain" or self.evm.hot_wallet is None:
             return w
-        pad = lambda a: "0x" + "0" * 24 + a[2:].lower()  # noqa: E731 - address as a topic
         logs = await self.evm.w3.eth.get_logs(
             {
                 "address": to_checksum_address(self.config.token),
                 "fromBlock": int(w["from_block"] or 0),
                 "toBlock": "latest",
-                "topics": [TRANSFER_TOPIC, pad(self.evm.hot_wallet.address), pad(w["destination"])],
+                "topics": [
+                    TRANSFER_TOPIC,
+                    _address_topic(self.evm.hot_wallet.address),
+                    _address_topic(w["destination"]),
+                ],
             }
         )
         for entry in logs:
-            data = entry["data"]
-            value = int(data.hex() if isinstance(data, (bytes, bytearray)) else data, 16)
-            raw_hash = entry["transactionHash"]
-            tx_hash = ("0x" + bytes(raw_hash).hex()) if not isinstance(raw_hash, str) else raw_hash
-            tx_hash = tx_hash.lower()
-            if value != int(w["amount"]):
+            if entry.get("removed") or _log_value(entry["data"]) != int(w["amount"]):
                 continue
+            tx_hash = _hex_str(entry["transactionHash"])
             if await self.store.fetchval("SELECT 1 FROM withdrawals WHERE tx_hash = $1", tx_hash):
-                continue
-            now = now_ms()
-            await self.writer.submit(lambda tx: post_withdrawal_hold(tx, w, tx_hash, now))
+                continue  # another withdrawal's payout
+            await self._post(w, tx_hash)
             break
         return await self._reload(wid)
 
@@ -467,10 +468,32 @@ class EvmWallets:
             raise BillingError(f"withdrawal is {w['status']}, not unknown", code="not_unknown", status=409)
         now = now_ms()
         if paid:
-            await self.writer.submit(lambda tx: post_withdrawal_hold(tx, w, tx_hash, now))
+            await self._post(w, tx_hash.lower() if tx_hash else None)
         else:
             await self.writer.submit(lambda tx: void_withdrawal_hold(tx, w, "voided by operator", now))
         return await self._reload(wid)
+
+    async def reconcile_all(self) -> int:
+        """One reconciliation pass over every ``unknown`` on-chain payout; returns how many settled."""
+        rows = await self.store.fetch(
+            "SELECT id FROM withdrawals WHERE method = 'onchain' AND status = $1 LIMIT 100", UNKNOWN
+        )
+        settled = 0
+        for r in rows:
+            if (await self.reconcile_onchain(str(r["id"])))["status"] != UNKNOWN:
+                settled += 1
+        return settled
+
+    async def run_reconciler(self, interval: float = 30.0) -> None:
+        """Background task: settle unknown payouts as their transfers show up on chain."""
+        while True:
+            try:
+                await self.reconcile_all()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("withdrawal reconciliation pass failed")
+            await asyncio.sleep(interval)
 
     async def drain(self, timeout: float = 30.0) -> None:
         """Let in-flight payouts record their outcome before the store closes."""
@@ -480,6 +503,22 @@ class EvmWallets:
     async def close(self) -> None:
         await self.drain()
         await self.evm.close()
+
+
+def _address_topic(address: str) -> str:
+    """An address as an indexed event topic: left-padded to 32 bytes."""
+    return "0x" + "0" * 24 + to_checksum_address(address)[2:].lower()
+
+
+def _hex_str(value: Any) -> str:
+    if isinstance(value, (bytes, bytearray)):
+        return "0x" + bytes(value).hex()
+    text = str(value).lower()
+    return text if text.startswith("0x") else "0x" + text
+
+
+def _log_value(data: Any) -> int:
+    return int(_hex_str(data), 16)
 
 
 def withdrawal_view(w: Row) -> dict[str, Any]:

@@ -72,7 +72,7 @@ async def topup(request: web.Request) -> web.Response:
 
 
 async def setup_payment_method(request: web.Request) -> web.Response:
-    rt, topups, key = await _caller(request)
+    _, topups, key = await _caller(request)
     return json_response(await topups.setup_payment_method(key.owner_id), status=201)
 
 
@@ -118,12 +118,12 @@ async def webhook(request: web.Request) -> web.Response:
 
 
 async def connect(request: web.Request) -> web.Response:
-    rt, topups, key = await _caller(request, "provider")
+    _, topups, key = await _caller(request, "provider")
     return json_response(await topups.connect_onboarding(key.owner_id), status=201)
 
 
 async def connect_status(request: web.Request) -> web.Response:
-    rt, topups, key = await _caller(request, "provider")
+    _, topups, key = await _caller(request, "provider")
     return json_response(await topups.connect_status(key.owner_id))
 
 

@@ -7,6 +7,7 @@ integers everywhere below.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -234,10 +235,23 @@ async def on_startup(app: web.Application, rt: Runtime) -> None:
         token=s.evm_token_address, pay_to=s.evm_pay_to, confirmations=s.evm_confirmations,
         chain_id=s.evm_chain_id, asset=s.default_asset,
     )
-    rt.evm_wallets = EvmWallets(rt.store, rt.writer, evm, config)  # type: ignore[attr-defined]
+    wallets = EvmWallets(rt.store, rt.writer, evm, config)
+    rt.evm_wallets = wallets  # type: ignore[attr-defined]
+    if wallets.can_withdraw:
+        # Settles payouts whose outcome was unknown, from the chain's own logs.
+        rt.withdrawal_reconciler = asyncio.get_running_loop().create_task(  # type: ignore[attr-defined]
+            wallets.run_reconciler(), name="withdrawal-reconciler"
+        )
 
 
 async def on_cleanup(app: web.Application, rt: Runtime) -> None:
+    reconciler: asyncio.Task[Any] | None = getattr(rt, "withdrawal_reconciler", None)
+    if reconciler is not None:
+        reconciler.cancel()
+        try:
+            await reconciler
+        except asyncio.CancelledError:
+            pass
     wallets: EvmWallets | None = getattr(rt, "evm_wallets", None)
     if wallets is not None:
         await wallets.close()

@@ -13,10 +13,13 @@ Acceptance (issue 5):
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 from collections.abc import AsyncIterator, Iterator
 
+import aiohttp
 import pytest
+from aiohttp import web
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
@@ -300,3 +303,69 @@ async def test_withdrawal_input_is_checked_before_any_hold(tw: InProcess) -> Non
     assert await wallet_units(tw, "erin") == USDC
     assert await tw.rt.store.fetchval("SELECT COUNT(*) FROM holds") == 0
     await assert_ledger_clean(tw)
+
+
+async def _start_node_without_receipts(target_url: str) -> tuple[web.AppRunner, str, aiohttp.ClientSession]:
+    """A JSON-RPC front that forwards everything to the real node except receipt
+    lookups, which fail as an overloaded node fails: the payout is broadcast and
+    mined, but Tollway cannot learn it."""
+    session = aiohttp.ClientSession()
+
+    async def handle(request: web.Request) -> web.Response:
+        body = await request.read()
+        req = json.loads(body)
+        methods = {r.get("method") for r in (req if isinstance(req, list) else [req])}
+        if "eth_getTransactionReceipt" in methods:
+            return web.Response(status=503, text="node overloaded")
+        async with session.post(target_url, data=body, headers={"Content-Type": "application/json"}) as r:
+            return web.Response(status=r.status, body=await r.read(), content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    return runner, f"http://127.0.0.1:{port}/", session
+
+
+async def test_unknown_payout_outcome_keeps_the_hold_and_reconciles_from_chain(
+    db_url: str, tmp_path, node: JsonRpcServer, chain: EvmChain, usdc: str,
+    deposit_address: str, hot_wallet: LocalAccount,
+) -> None:
+    runner, flaky_url, session = await _start_node_without_receipts(node.url)
+    settings = evm_settings(node, chain, usdc, deposit_address, hot_wallet)
+    settings["evm_rpc_url"] = flaky_url
+    tw = await start_inprocess(db_url, tmp=str(tmp_path), **settings)
+    try:
+        key = await buyer_key(tw, "frank")
+        await tw.credit("frank", "4.00")
+        recipient = Account.create().address
+        st, body, _ = await tw.api(
+            "POST", "/api/v1/wallet/withdraw", key, json={"amount": "1.50", "to_address": recipient}
+        )
+        # The transfer did happen on chain, but Tollway could not see it: it must
+        # neither refund (that would pay twice) nor call it done.
+        assert st == 202 and body["withdrawal"]["status"] == "unknown", body
+        assert chain.token_balance(usdc, recipient) == 1_500_000
+        assert await wallet_units(tw, "frank") == 2_500_000
+        hold = await tw.rt.store.fetchrow("SELECT status FROM holds")
+        assert hold["status"] == "pending"
+        await assert_ledger_clean(tw)
+
+        # Reconciliation reads the token's Transfer logs and posts the hold.
+        assert await tw.rt.evm_wallets.reconcile_all() == 1  # type: ignore[attr-defined]
+        st, body, _ = await tw.api("GET", "/api/v1/wallet/withdrawals", key)
+        (w,) = body["withdrawals"]
+        assert w["status"] == "paid" and w["tx_hash"]
+        assert chain.receipt(w["tx_hash"])["status"] == 1
+        assert await wallet_units(tw, "frank") == 2_500_000
+        assert (await tw.rt.store.fetchrow("SELECT status FROM holds"))["status"] == "posted"
+        # A second pass finds nothing left to settle.
+        assert await tw.rt.evm_wallets.reconcile_all() == 0  # type: ignore[attr-defined]
+        await assert_ledger_clean(tw)
+    finally:
+        await tw.close()
+        await session.close()
+        await runner.cleanup()
