@@ -1,0 +1,71 @@
+"""Signed receipts over HTTP: a charged call's X-ACF-Receipt verifies offline against the
+served key document, and no receipt with one changed character does."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from billing.receipts import RECEIPT_HEADER, WELL_KNOWN_PATH, ReceiptInvalid, verify_receipt
+from tests.support.tollway import InProcess
+from tests.support.upstream import Upstream
+
+ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def receipt_cli(receipt: str, keys: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLWAY_")}
+    return subprocess.run([sys.executable, "-m", "proxy.cli", "receipt", "verify", receipt, "--keys", keys],
+                          env=env, capture_output=True, text=True, timeout=60)
+
+
+def changed(receipt: str, i: int) -> str:
+    c = receipt[i]
+    if c == ".":
+        return receipt[:i] + "A" + receipt[i + 1:]
+    sub = ALPHABET[(ALPHABET.index(c) + 1) % len(ALPHABET)]
+    return receipt[:i] + sub + receipt[i + 1:]
+
+
+async def test_charged_call_receipt_verifies_offline_and_tampering_fails(tollway: InProcess, upstream: Upstream, tmp_path):
+    tw = tollway
+    p = await tw.key("prov", "provider")
+    sid = await tw.service(p, upstream.url, price="0.25", free=1)
+    buyer = await tw.key("buyer")
+    await tw.credit("buyer", "1.00")
+
+    st, _, free_h = await tw.call(sid, "echo/v1/thing?x=1", buyer)
+    assert st == 200 and free_h["X-ACF-Free-Tier"] == "true"
+    assert RECEIPT_HEADER not in free_h  # nothing charged, nothing to prove
+
+    st, _, h = await tw.call(sid, "echo/v1/thing?x=1", buyer, method="POST", data=b"{}")
+    assert st == 200 and h["X-ACF-Amount"] == "0.25"
+    receipt = h[RECEIPT_HEADER]
+    st, doc, _ = await tw.api("GET", WELL_KNOWN_PATH)
+    assert st == 200 and doc["keys"]
+
+    payload = verify_receipt(receipt, doc)
+    row = await tw.rt.store.fetchrow("SELECT * FROM usage_records WHERE id = $1", h["X-ACF-Usage-Id"])
+    assert row is not None and int(row["amount"]) == 250_000
+    assert payload["usage_id"] == h["X-ACF-Usage-Id"]
+    assert (payload["service_id"], payload["buyer_id"], payload["amount"], payload["asset"]) == (
+        sid, "buyer", "250000", "USDC")
+
+    # Any one changed character (every position is tried) fails verification.
+    for i in range(len(receipt)):
+        with pytest.raises(ReceiptInvalid):
+            verify_receipt(changed(receipt, i), doc)
+
+    # The CLI, offline against a saved copy of the document, and against the served URL.
+    keys_file = tmp_path / "keys.json"
+    keys_file.write_text(json.dumps(doc))
+    ok = receipt_cli(receipt, str(keys_file))
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["usage_id"] == h["X-ACF-Usage-Id"]
+    assert receipt_cli(receipt, tw.base + WELL_KNOWN_PATH).returncode == 0
+    bad = receipt_cli(changed(receipt, len(receipt) // 3), str(keys_file))
+    assert bad.returncode == 1 and "receipt invalid" in bad.stderr
