@@ -3,6 +3,7 @@ served key document, and no receipt with one changed character does."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -17,10 +18,15 @@ from tests.support.upstream import Upstream
 ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 
 
-def receipt_cli(receipt: str, keys: str) -> subprocess.CompletedProcess[str]:
+async def receipt_cli(receipt: str, keys: str) -> subprocess.CompletedProcess[str]:
+    """`tollway receipt verify` as its own process; awaited, so the in-process server keeps serving."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLWAY_")}
-    return subprocess.run([sys.executable, "-m", "proxy.cli", "receipt", "verify", receipt, "--keys", keys],
-                          env=env, capture_output=True, text=True, timeout=60)
+    args = [sys.executable, "-m", "proxy.cli", "receipt", "verify", receipt, "--keys", keys]
+    proc = await asyncio.create_subprocess_exec(*args, env=env, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    assert proc.returncode is not None
+    return subprocess.CompletedProcess(args, proc.returncode, out.decode(), err.decode())
 
 
 def changed(receipt: str, i: int) -> str:
@@ -63,9 +69,9 @@ async def test_charged_call_receipt_verifies_offline_and_tampering_fails(tollway
     # The CLI, offline against a saved copy of the document, and against the served URL.
     keys_file = tmp_path / "keys.json"
     keys_file.write_text(json.dumps(doc))
-    ok = receipt_cli(receipt, str(keys_file))
+    ok = await receipt_cli(receipt, str(keys_file))
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["usage_id"] == h["X-ACF-Usage-Id"]
-    assert receipt_cli(receipt, tw.base + WELL_KNOWN_PATH).returncode == 0
-    bad = receipt_cli(changed(receipt, len(receipt) // 3), str(keys_file))
+    assert (await receipt_cli(receipt, tw.base + WELL_KNOWN_PATH)).returncode == 0
+    bad = await receipt_cli(changed(receipt, len(receipt) // 3), str(keys_file))
     assert bad.returncode == 1 and "receipt invalid" in bad.stderr
