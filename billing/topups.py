@@ -72,6 +72,8 @@ class TopupConfig:
     # A Connect transfer with an unknown outcome that Stripe does not list after
     # this long never happened (any request in flight has long finished): reverse it.
     connect_unknown_grace_seconds: float = 600.0
+    # How often unknown Connect transfers are looked up at Stripe (one list call each).
+    connect_reconcile_seconds: float = 30.0
 
 
 def cents_of(units: int, units_per_cent: int) -> int:
@@ -98,6 +100,7 @@ class Topups:
         self.auto_owners: frozenset[str] = frozenset()
         self._wake = asyncio.Event()
         self._last_refresh = 0.0
+        self._last_connect_pass = 0.0
         self._inflight: set[asyncio.Task[Any]] = set()
 
     # ------------------------------------------------------------------ customers
@@ -322,7 +325,9 @@ class Topups:
         for r in rows:
             if await self.charge_owner(str(r["owner_id"])):
                 done += 1
-        await self.reconcile_connect()
+        if time.monotonic() - self._last_connect_pass >= self.config.connect_reconcile_seconds:
+            self._last_connect_pass = time.monotonic()
+            await self.reconcile_connect()
         return done
 
     async def charge_owner(self, owner_id: str) -> bool:
@@ -567,7 +572,7 @@ class Topups:
                 return  # Stripe still unreachable; next pass
             if found:
                 await self._connect_paid(str(r["id"]), found[0])
-            elif now_ms() - int(r["updated_at"]) > grace_ms:
+            elif now_ms() - int(r["updated_at"]) >= grace_ms:
                 await self._reverse(str(r["id"]), "transfer never appeared at Stripe")
 
     async def close(self) -> None:

@@ -15,6 +15,7 @@ Acceptance (issue 5):
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -329,4 +330,14 @@ async def test_connect_outage_is_looked_up_not_reversed_blindly(
     # The money stays out of the wallet until the outcome is known.
     assert await wallet_units(tw, "acme") == 4 * 10**6
     assert stripe_server.requests_to("GET", "/v1/transfers")
+    await assert_ledger_clean(tw)
+
+    # Reconciliation: still no transfer at Stripe once any request in flight must
+    # have finished (grace shortened here instead of waiting ten minutes): reverse.
+    topups = tw.rt.topups  # type: ignore[attr-defined]
+    topups.config = dataclasses.replace(topups.config, connect_unknown_grace_seconds=0)
+    await topups.reconcile_connect()
+    st, body, _ = await tw.api("GET", "/api/v1/wallet/withdrawals", prov)
+    assert [w["status"] for w in body["withdrawals"]] == ["reversed"]
+    assert await wallet_units(tw, "acme") == 5 * 10**6
     await assert_ledger_clean(tw)
