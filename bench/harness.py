@@ -528,7 +528,9 @@ def run_tollway(
                 )
                 continue
             try:
+                m0 = scrape_metrics(base)
                 out["scenarios"][name] = drv.closed(url, hdrs, want)
+                out["scenarios"][name]["ledger_metrics"] = metrics_delta(m0, scrape_metrics(base))
                 r = out["scenarios"][name]
                 log(
                     f"{mode.name}: {name} {r['rps']:.0f} req/s p99 {r['p99_ms']:.2f} ms"
@@ -586,6 +588,39 @@ def run_tollway(
             except OSError:
                 pass
         inst.cleanup()
+    return out
+
+
+def scrape_metrics(base: str) -> dict[str, float]:
+    """Tollway's /metrics (Prometheus text): the ledger's histogram sums and counts."""
+    import urllib.request
+
+    out: dict[str, float] = {}
+    try:
+        with urllib.request.urlopen(f"{base}/metrics", timeout=3) as r:
+            text = r.read().decode("utf-8", "replace")
+    except Exception:  # noqa: BLE001 - metrics are a bonus
+        return out
+    for line in text.splitlines():
+        if line.startswith("tollway_ledger") and ("_sum" in line or "_count" in line):
+            name, _, val = line.rpartition(" ")
+            try:
+                out[name] = float(val)
+            except ValueError:
+                pass
+    return out
+
+
+def metrics_delta(m0: dict, m1: dict) -> dict:
+    """Mean of each ledger histogram over the load point (one worker's view when N > 1)."""
+    out = {}
+    for name, v1 in m1.items():
+        if name.endswith("_sum"):
+            base = name[: -len("_sum")]
+            c1, c0 = m1.get(base + "_count", 0), m0.get(base + "_count", 0)
+            if c1 > c0:
+                out[base + "_mean"] = round((v1 - m0.get(name, 0)) / (c1 - c0), 6)
+                out[base + "_count"] = c1 - c0
     return out
 
 
