@@ -37,8 +37,9 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from billing.errors import BillingError
 from billing.money import format_amount
@@ -64,7 +65,7 @@ class FeePolicy:
     schedule: tuple[int, ...] = ()
 
     @classmethod
-    def from_settings(cls, settings: Any) -> "FeePolicy":
+    def from_settings(cls, settings: Any) -> FeePolicy:
         return cls(int(settings.platform_fee_bps), tuple(int(b) for b in settings.fee_schedule_bps))
 
     def month_index(self, registered_at: int, at_ms: int) -> int:
@@ -140,9 +141,7 @@ _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
 def _bad(field: str, message: str) -> BillingError:
-    err = BillingError(message, code="validation_error", status=422)
-    err.field = field  # type: ignore[attr-defined]
-    return err
+    return BillingError(message, code="validation_error", status=422)
 
 
 def month_bounds(period: str) -> tuple[int, int]:
@@ -151,8 +150,8 @@ def month_bounds(period: str) -> tuple[int, int]:
     if not m or not 1 <= int(m.group(2)) <= 12:
         raise _bad("period", f"{period!r} is not a YYYY-MM month")
     y, mo = int(m.group(1)), int(m.group(2))
-    start = dt.datetime(y, mo, 1, tzinfo=dt.timezone.utc)
-    end = dt.datetime(y + (mo == 12), mo % 12 + 1, 1, tzinfo=dt.timezone.utc)
+    start = dt.datetime(y, mo, 1, tzinfo=dt.UTC)
+    end = dt.datetime(y + (mo == 12), mo % 12 + 1, 1, tzinfo=dt.UTC)
     return _ms(start), _ms(end)
 
 
@@ -177,7 +176,7 @@ def _instant(value: Any, field: str, *, end: bool) -> int:
     except ValueError:
         raise _bad(field, f"{value!r} is not an ISO 8601 date or datetime") from None
     if d.tzinfo is None:
-        d = d.replace(tzinfo=dt.timezone.utc)
+        d = d.replace(tzinfo=dt.UTC)
     if _DATE_RE.match(s) and end:
         d += dt.timedelta(days=1)
     return _ms(d)
@@ -197,7 +196,7 @@ def parse_period(data: dict[str, Any]) -> tuple[int, int]:
 
 
 def _iso(ms: int) -> str:
-    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.timezone.utc).isoformat(timespec="seconds").replace(
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).isoformat(timespec="seconds").replace(
         "+00:00", "Z"
     )
 

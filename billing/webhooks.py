@@ -33,8 +33,9 @@ import json
 import logging
 import os
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import aiohttp
 
@@ -75,7 +76,7 @@ def verify_signature(secret: str, body: bytes, signature: str) -> bool:
 
 
 def _iso(ms: int) -> str:
-    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.timezone.utc).isoformat(timespec="milliseconds")
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).isoformat(timespec="milliseconds")
 
 
 # --------------------------------------------------------------------------- subscriptions
@@ -372,8 +373,10 @@ class DeliveryWorker:
             self._task.cancel()
             try:
                 await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+            except asyncio.CancelledError:
+                pass  # what we asked for
+            except Exception:
+                log.exception("webhook worker ended with an error")
         if self._inflight:
             await asyncio.wait(set(self._inflight), timeout=self.cfg.timeout + 1)
             for t in self._inflight:
@@ -456,7 +459,7 @@ class DeliveryWorker:
                 await resp.content.read(4096)  # a little of the answer, to reuse the connection
             if not 200 <= status < 300:
                 error = f"receiver answered {status}"
-        except asyncio.TimeoutError:
+        except TimeoutError:
             error = f"timed out after {self.cfg.timeout} s"
         except aiohttp.ClientConnectorError as exc:
             if isinstance(exc.os_error, AddressForbidden):

@@ -6,7 +6,6 @@ amounts go out as decimal strings with their integer units beside them.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import time
 from typing import Any
@@ -32,7 +31,7 @@ TEST_TIMEOUT_SECONDS = 10.0
 def _iso(ms: int | None) -> str | None:
     if ms is None:
         return None
-    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).isoformat(timespec="seconds")
 
 
 async def _provider(rt: Runtime, request: web.Request) -> KeyRecord:
@@ -199,7 +198,7 @@ async def test_endpoint(request: web.Request) -> web.Response:
                                   timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
             out["status_code"] = resp.status
             out["reachable"] = True
-    except asyncio.TimeoutError:
+    except TimeoutError:
         out["error"] = "Connection timed out"
     except aiohttp.ClientConnectorError as exc:
         if isinstance(exc.os_error, AddressForbidden):

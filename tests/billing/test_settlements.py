@@ -30,7 +30,7 @@ def ledger_verify(db_url: str) -> subprocess.CompletedProcess[str]:
 
 
 def iso(ms: int) -> str:
-    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.timezone.utc).isoformat().replace("+00:00", "Z")
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).isoformat().replace("+00:00", "Z")
 
 
 async def ledger_sums(store: Store, provider: str, usage_ids: list[str] | None = None) -> dict[str, int]:
@@ -239,8 +239,8 @@ async def _generate(store: Store, provider: str, n: int, month_start: int, price
 
 
 async def test_cli_settles_a_large_ledger_with_a_progress_bar(store: Store, db_url: str):
-    march = int(dt.datetime(2025, 3, 1, tzinfo=dt.timezone.utc).timestamp() * 1000)
-    april = int(dt.datetime(2025, 4, 1, tzinfo=dt.timezone.utc).timestamp() * 1000)
+    march = int(dt.datetime(2025, 3, 1, tzinfo=dt.UTC).timestamp() * 1000)
+    april = int(dt.datetime(2025, 4, 1, tzinfo=dt.UTC).timestamp() * 1000)
     await _generate(store, "p_big", 2500, march, 70_000, 7_000)
     await _generate(store, "p_small", 40, march, 33_333, 3_333)
     await _generate(store, "p_big", 10, april, 70_000, 7_000)  # next month: not in this settlement
@@ -272,3 +272,34 @@ async def test_cli_settles_a_large_ledger_with_a_progress_bar(store: Store, db_u
     assert cli("settle", "--period", "2025-3", "--database-url", db_url).returncode == 2
     r = ledger_verify(db_url)
     assert r.returncode == 0, r.stdout
+
+
+async def test_concurrent_overlapping_settlements_never_share_a_charge(store: Store):
+    """Six settlements of overlapping periods (two of them the same request) built at
+    once, in small interleaved chunks: every charge lands in exactly one."""
+    import asyncio
+
+    from billing.settlements import FeePolicy, create_settlement
+
+    def ms(*ymd: int) -> int:
+        return int(dt.datetime(*ymd, tzinfo=dt.UTC).timestamp() * 1000)
+
+    march, april = ms(2025, 3, 1), ms(2025, 4, 1)
+    await _generate(store, "p_race", 600, march, 10_000, 1_000)
+    periods = [(march, april), (march, ms(2025, 3, 15)), (ms(2025, 3, 10), april), (ms(2025, 1, 1), ms(2026, 1, 1)),
+               (march, april), (ms(2025, 3, 20), ms(2025, 3, 25))]
+    policy = FeePolicy(1000)
+    results = await asyncio.gather(*(
+        create_settlement(store, policy, "p_race", "USDC", a, b, chunk=25) for a, b in periods))
+    made = {r.settlement["id"]: r.settlement for r in results if r.settlement is not None}
+    same = [results[0].settlement, results[4].settlement]  # the same request twice: one settlement
+    assert same[0] is None and same[1] is None or same[0]["id"] == same[1]["id"]
+    items = await store.fetch("SELECT usage_id, settlement_id, gross FROM settlement_items")
+    assert len(items) == len({r["usage_id"] for r in items}) == 600
+    for sid, s in made.items():
+        mine = [r["usage_id"] for r in items if r["settlement_id"] == sid]
+        want = await ledger_sums(store, "p_race", mine)
+        assert (int(s["gross"]), int(s["fee"]), int(s["net"]), int(s["call_count"])) == (
+            want["gross"], want["fee"], want["share"], want["count"])
+    assert sum(int(s["call_count"]) for s in made.values()) == 600
+    assert all(s["status"] == "pending" for s in made.values())

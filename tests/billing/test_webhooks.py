@@ -24,7 +24,7 @@ from billing.webhooks import (
 )
 from config.netpolicy import forbidden_address
 from ledger.db import Store, open_store
-from tests.support.tollway import InProcess, free_port, start_inprocess, start_processes
+from tests.support.tollway import free_port, start_inprocess, start_processes
 from tests.support.upstream import Upstream
 
 SECRET = "whsec_test_secret_0123456789"
@@ -43,7 +43,7 @@ class Receiver:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/hook"
 
-    async def start(self) -> "Receiver":
+    async def start(self) -> Receiver:
         async def hook(request: web.Request) -> web.Response:
             body = await request.read()
             self.received.append({"body": body, "headers": dict(request.headers), "at": time.monotonic()})
@@ -222,10 +222,11 @@ async def test_failures_back_off_into_a_visible_dead_letter(db_url: str, tmp_pat
         await tw.credit("buyer", "1.00")
         st, _, _ = await tw.api("POST", "/api/v1/webhooks", p, json={"url": rx.url, "events": ["service.called"],
                                                                      "secret": SECRET})
+        assert st == 201
         assert (await tw.call(sid, "ok", b))[0] == 200
 
         async def dead() -> list[dict[str, Any]]:
-            st, d, _ = await tw.api("GET", "/api/v1/webhooks/deliveries?status=dead", p)
+            _st, d, _ = await tw.api("GET", "/api/v1/webhooks/deliveries?status=dead", p)
             return d["deliveries"]
 
         [d] = await until(dead, what="the dead letter")
@@ -243,7 +244,7 @@ async def test_failures_back_off_into_a_visible_dead_letter(db_url: str, tmp_pat
         assert (await tw.api("POST", f"/api/v1/webhooks/deliveries/{d['id']}/retry", other))[0] == 404
         assert (await tw.api("POST", f"/api/v1/webhooks/deliveries/{d['id']}/retry", p))[0] == 202
         await until(lambda: len(rx.received) == 4, what="the redelivery")
-        st, done, _ = await tw.api("GET", "/api/v1/webhooks/deliveries?status=delivered", p)
+        _st, done, _ = await tw.api("GET", "/api/v1/webhooks/deliveries?status=delivered", p)
         assert [x["id"] for x in done["deliveries"]] == [d["id"]]
     finally:
         await tw.close()
