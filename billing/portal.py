@@ -11,14 +11,17 @@ Definitions (per provider and asset):
   usage amounts (equal, by the ledger's invariant, to the ``charge`` + ``fee``
   transfers of those calls);
 - ``balance``: the provider's earnings account, what is owed and not paid out;
-- ``paid_out``: the ``payout`` transfers out of earnings;
-- ``earned``: ``balance + paid_out``, everything ever credited to earnings
-  (call-time shares plus settlement adjustments);
+- ``earned``: everything credited to earnings: call-time shares (``charge``)
+  corrected by settlement fee adjustments;
+- ``paid_out``: ``earned - balance``, whatever left earnings by any payout
+  path (settlement ``payout`` transfers, which ``settlement_payouts`` counts
+  alone, and withdrawals or Connect payouts of other features);
 - ``unsettled``: the provider share (``charge`` transfers) of charges no
   settlement holds yet;
 - ``settled_unpaid``: net of settlements fixed but not yet paid.
 
-These satisfy ``balance == unsettled + settled_unpaid`` (tested).
+While settlement payouts are the only way out of earnings, these satisfy
+``balance == unsettled + settled_unpaid`` (tested).
 """
 
 from __future__ import annotations
@@ -109,7 +112,18 @@ async def earnings(store: Store, provider_id: str, asset: str) -> dict[str, int]
     acct = j.earnings(provider_id, asset).id
     async with store.reader() as tx:
         balance = _i(await tx.fetchval("SELECT balance FROM accounts WHERE id = $1", acct))
-        paid_out = _i(await tx.fetchval(
+        # Earned: call-time shares, corrected by settlement fee adjustments. Whatever
+        # else left the account was paid out, by settlement payouts or by any other
+        # payout path (withdrawals, Connect payouts), net of their reversals.
+        credited = _i(await tx.fetchval(
+            "SELECT COALESCE(SUM(amount), 0) FROM transfers WHERE credit_account = $1"
+            " AND kind IN ('charge', 'settlement_rebate')", acct
+        ))
+        adjusted = _i(await tx.fetchval(
+            "SELECT COALESCE(SUM(amount), 0) FROM transfers WHERE debit_account = $1 AND kind = 'settlement_fee'",
+            acct,
+        ))
+        settlement_payouts = _i(await tx.fetchval(
             "SELECT COALESCE(SUM(amount), 0) FROM transfers WHERE debit_account = $1 AND kind = 'payout'", acct
         ))
         unsettled = _i(await tx.fetchval(
@@ -130,8 +144,9 @@ async def earnings(store: Store, provider_id: str, asset: str) -> dict[str, int]
     assert srow is not None
     return {
         "balance": balance,
-        "paid_out": paid_out,
-        "earned": balance + paid_out,
+        "earned": credited - adjusted,
+        "paid_out": credited - adjusted - balance,
+        "settlement_payouts": settlement_payouts,
         "unsettled": unsettled,
         "settled_unpaid": _i(srow["unpaid"]),
         "settled_paid": _i(srow["paid"]),
