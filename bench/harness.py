@@ -160,6 +160,7 @@ class Driver:
         self.wrk = shutil.which("wrk") if not args.no_wrk else None
         self.watch_root: int | None = None  # the proxy under test; its tree is metered
         self.upstream_pid: int | None = None
+        self.server_cpus: set[int] | None = None
 
     def _meter(self) -> P.CpuMeter | None:
         if not self.watch_root:
@@ -193,7 +194,13 @@ class Driver:
             meter = self._meter()
             res = self._loadgen_closed(url, headers)
         if meter:
-            res["cpu_pct"] = meter.stop()
+            res["cpu_pct"] = c = meter.stop()
+            srv = sorted(self.server_cpus or [])
+            if len(srv) == 1 and c.get(f"cpu{srv[0]}_busy") is not None:
+                # CPU time on the server's own core that the server did not use: other
+                # processes (PostgreSQL, Redis, anything else on the machine) or steal
+                other = c[f"cpu{srv[0]}_busy"] - c["server"] + (c.get(f"cpu{srv[0]}_steal") or 0)
+                res["server_core_other_pct"] = round(max(0.0, other), 1)
         res["expect_status"] = expect
         if expect == 200:
             res["status_ok"] = res.get("non_2xx_3xx", 0) == 0 and not res.get("socket_errors")
@@ -447,6 +454,7 @@ def run_bare(
         "pid": p.pid,
     }
     drv.watch_root = p.pid
+    drv.server_cpus = cpus["server_1w"]
     try:
         out["startup_s"] = T.wait_health(base, p, 20)
         out["scenarios"] = {"pass": drv.closed(f"{base}/proxy/json", [], 200)}
@@ -501,6 +509,7 @@ def run_tollway(
         )
         out["pid"] = p.pid
         drv.watch_root = p.pid
+        drv.server_cpus = scpus
         out["startup_s"] = T.wait_health(base, p, args.startup_timeout)
         out["processes"] = len(P.tree(p.pid))
         s = T.setup(base, inst.admin, upstream)
@@ -653,8 +662,9 @@ def targets(res: dict) -> list[dict]:
     direct_sse = res.get("direct", {}).get("sse", {})
     for name, m in res.get("tollway", {}).items():
         sc = m.get("scenarios", {})
-        if m.get("workers") == 1 and "prepaid" in sc and bare_rps:
-            ratio = sc["prepaid"]["rps"] / bare_rps
+        ref = m.get("bare_ref_rps") or bare_rps
+        if m.get("workers") == 1 and "prepaid" in sc and ref:
+            ratio = sc["prepaid"]["rps"] / ref
             out.append(
                 {
                     "target": "prepaid req/s >= 0.8 x bare (one process)",
@@ -737,33 +747,37 @@ def print_report(res: dict) -> None:
     print(
         "The load generator (wrk, 1 thread) runs on the same machine and takes CPU from "
         "the upstream and, for 2-worker modes, from Tollway; figures are relative, "
-        "compare ratios measured in this run, not absolute numbers across machines."
+        "compare ratios measured in this run, not absolute numbers across machines. "
+        "The bare proxy is measured before and after each Tollway mode; a mode's ratio is "
+        "to the mean of those two. 'other' = % of the one-process server's own core used by "
+        "something else (PostgreSQL, Redis, other work on the machine, hypervisor steal): "
+        "large values mean a disturbed point."
     )
     print()
     hdr = (
         f"{'target':<14} {'scenario':<10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
-        f"{'vs bare':>8}  {'status':<10} {'CPU% srv/pg/rd':>14}"
+        f"{'vs bare':>8}  {'status':<10} {'CPU% srv/pg/rd':>14} {'other':>6}"
     )
     print(hdr)
     print("-" * len(hdr))
     rows = []
-    for label in ("bare", "bare_end"):
-        b = res.get(label)
-        if b:
-            for sc, r in b.get("scenarios", {}).items():
-                if sc in ("pass",):
-                    rows.append((label, sc, r))
+    if res.get("bare", {}).get("scenarios", {}).get("pass"):
+        rows.append(("bare", "pass", res["bare"]["scenarios"]["pass"], bare_rps))
     for name, m in res.get("tollway", {}).items():
+        ref = m.get("bare_ref_rps") or bare_rps
         for sc in ("free", "prepaid", "402"):
             if sc in m.get("scenarios", {}):
-                rows.append((name, sc, m["scenarios"][sc]))
+                rows.append((name, sc, m["scenarios"][sc], ref))
         if not m.get("scenarios"):
-            rows.append((name, "FAILED", None))
-    for label, sc, r in rows:
+            rows.append((name, "FAILED", None, None))
+        after = res.get(f"bare_after_{name}", {}).get("scenarios", {}).get("pass")
+        if after:
+            rows.append(("bare", "pass", after, after["rps"]))
+    for label, sc, r, ref in rows:
         if r is None:
             print(f"{label:<14} {sc:<10}")
             continue
-        ratio = r["rps"] / bare_rps if bare_rps else None
+        ratio = r["rps"] / ref if ref else None
         st = "ok" if r.get("status_ok", True) else "BAD STATUS"
         cpu = r.get("cpu_pct", {})
         cpus = (
@@ -774,7 +788,8 @@ def print_report(res: dict) -> None:
         )
         print(
             f"{label:<14} {sc:<10} {r['rps']:>9.0f} {fmt(r['p50_ms']):>8} "
-            f"{fmt(r['p99_ms']):>8} {fmt(ratio, '.3f'):>8}  {st:<10} {cpus:>14}"
+            f"{fmt(r['p99_ms']):>8} {fmt(ratio, '.3f'):>8}  {st:<10} {cpus:>14} "
+            f"{fmt(r.get('server_core_other_pct'), '.0f'):>6}"
         )
     print()
     print(
@@ -874,9 +889,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--redis-db", type=int, default=int(os.environ.get("BENCH_REDIS_DB", "13")))
     ap.add_argument(
-        "--no-bare-end",
+        "--no-bare-between",
         action="store_true",
-        help="skip the second bare-proxy measurement at the end",
+        help="do not re-measure the bare proxy after each Tollway mode",
     )
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/<ts>.json)")
     args = ap.parse_args(argv)
@@ -944,7 +959,11 @@ def main(argv: list[str] | None = None) -> int:
         res["half_load_rate"] = half
         dep = deps_ok(args) if any(m.db == "pg" for m in modes) else {}
         res["deps"] = dep
-        for m in modes:
+        # The bare proxy is measured again after every Tollway mode; each mode's ratios use
+        # the mean of the bare figures just before and just after it (drift on a shared
+        # machine is large: other work comes and goes during a run).
+        res["bare_series"] = [res["bare_rps"]]
+        for i, m in enumerate(modes):
             if m.db == "pg" and not (dep.get("pg") and dep.get("redis")):
                 res["tollway"][m.name] = {
                     "mode": m.name,
@@ -958,14 +977,19 @@ def main(argv: list[str] | None = None) -> int:
             )
             for e in res["tollway"][m.name]["errors"]:
                 log(f"{m.name}: {e}")
-        if not args.no_bare_end:
-            try:
-                res["bare_end"] = run_bare(
-                    drv, procs, upstream, cpus, workdir, None, "bare_end", False
-                )
-                res["bare_rps_end"] = res["bare_end"]["scenarios"]["pass"]["rps"]
-            except Budget as e:
-                res["errors"].append(str(e))
+            before = res["bare_series"][-1]
+            res["tollway"][m.name]["bare_before_rps"] = before
+            res["tollway"][m.name]["bare_ref_rps"] = before
+            if not args.no_bare_between:
+                try:
+                    label = f"bare_after_{m.name}"
+                    res[label] = run_bare(drv, procs, upstream, cpus, workdir, None, label, False)
+                    after = res[label]["scenarios"]["pass"]["rps"]
+                    res["bare_series"].append(after)
+                    res["tollway"][m.name]["bare_after_rps"] = after
+                    res["tollway"][m.name]["bare_ref_rps"] = (before + after) / 2
+                except Budget as e:
+                    res["errors"].append(str(e))
     except Budget as e:
         res["errors"].append(str(e))
     except SystemExit as e:

@@ -68,8 +68,8 @@ def pids_named(*names: str) -> list[int]:
     return out
 
 
-def cpu_times() -> dict[int, tuple[int, int]]:
-    """Per-CPU (busy, total) jiffies from /proc/stat."""
+def cpu_times() -> dict[int, tuple[int, int, int]]:
+    """Per-CPU (busy, total, steal) jiffies from /proc/stat."""
     out = {}
     with open("/proc/stat") as f:
         for line in f:
@@ -77,7 +77,10 @@ def cpu_times() -> dict[int, tuple[int, int]]:
                 parts = line.split()
                 vals = [int(x) for x in parts[1:]]
                 idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
-                out[int(parts[0][3:])] = (sum(vals) - idle, sum(vals))
+                steal = vals[7] if len(vals) > 7 else 0
+                # user+nice+system+irq+softirq (guest time is already inside user)
+                busy = sum(vals[:8]) - idle - steal
+                out[int(parts[0][3:])] = (busy, sum(vals[:8]), steal)
     return out
 
 
@@ -99,9 +102,10 @@ class CpuMeter:
             used = sum(max(0, cpu_ticks(p) - self.start[g].get(p, 0)) for p in ps)
             out[g] = round(100.0 * used / self.TICK / dt_s, 1) if dt_s > 0 else None
         c1 = cpu_times()
-        for c, (b1, t1) in c1.items():
-            b0, t0 = self.cpus0.get(c, (0, 0))
+        for c, (b1, t1, s1) in c1.items():
+            b0, t0, s0 = self.cpus0.get(c, (0, 0, 0))
             out[f"cpu{c}_busy"] = round(100.0 * (b1 - b0) / (t1 - t0), 1) if t1 > t0 else None
+            out[f"cpu{c}_steal"] = round(100.0 * (s1 - s0) / (t1 - t0), 1) if t1 > t0 else None
         return out
 
 

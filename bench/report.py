@@ -41,24 +41,28 @@ def render(res: dict) -> str:
         "",
         "### Closed loop (wrk): peak throughput",
         "",
-        "| proxy | scenario | req/s | p50 ms | p99 ms | vs bare | CPU % server / pg / redis "
+        "| proxy | scenario | req/s | p50 ms | p99 ms | vs bare (mean of the bare rows "
+        "around it) | CPU % server / pg / redis / other on the server's core "
         "(of one core) | status |",
         "|---|---|---:|---:|---:|---:|---|---|",
     ]
     bare = res.get("bare_rps")
     rows = []
-    for label in ("bare", "bare_end"):
-        if res.get(label, {}).get("scenarios", {}).get("pass"):
-            rows.append((label, "pass-through", res[label]["scenarios"]["pass"]))
+    if res.get("bare", {}).get("scenarios", {}).get("pass"):
+        rows.append(("bare", "pass-through", res["bare"]["scenarios"]["pass"], bare))
     for name, t in res.get("tollway", {}).items():
+        ref = t.get("bare_ref_rps") or bare
         for sc in ("free", "prepaid", "402"):
             if sc in t.get("scenarios", {}):
-                rows.append((name, sc, t["scenarios"][sc]))
-    for label, sc, r in rows:
+                rows.append((name, sc, t["scenarios"][sc], ref))
+        after = res.get(f"bare_after_{name}", {}).get("scenarios", {}).get("pass")
+        if after:
+            rows.append(("bare", "pass-through", after, after["rps"]))
+    for label, sc, r, ref in rows:
         c = r.get("cpu_pct", {})
         cpu = (
             f"{f(c.get('server'), '.0f')} / {f(c.get('postgres'), '.0f')} / "
-            f"{f(c.get('redis'), '.0f')}"
+            f"{f(c.get('redis'), '.0f')} / {f(r.get('server_core_other_pct'), '.0f')}"
         )
         st = (
             "ok"
@@ -67,7 +71,7 @@ def render(res: dict) -> str:
         )
         out.append(
             f"| {label} | {sc} | {r['rps']:.0f} | {f(r['p50_ms'])} | {f(r['p99_ms'])} | "
-            f"{f(r['rps'] / bare if bare else None, '.3f')} | {cpu} | {st} |"
+            f"{f(r['rps'] / ref if ref else None, '.3f')} | {cpu} | {st} |"
         )
     out += [
         "",
