@@ -911,6 +911,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGALRM, on_signal)
     signal.alarm(int(args.budget) + 5)  # last resort; the Driver budget normally ends first
+    P.die_with_parent()  # if bench/run (or timeout) is killed, so are we, and our children
 
     cpus = plan_cpus(args.no_pin)
     if cpus["load"]:

@@ -192,6 +192,7 @@ class Procs:
         out = open(log, "ab") if log else subprocess.DEVNULL
 
         def pre() -> None:
+            _die_with_parent()
             if cpus:
                 os.sched_setaffinity(0, cpus)
 
@@ -238,6 +239,22 @@ class Procs:
     def stop_all(self) -> None:
         for _, p in reversed(list(self.live)):
             self.stop(p, grace=3.0)
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM this process when its parent dies, even by SIGKILL, so that nothing
+    the harness started outlives it."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - best effort; the normal path stops children itself
+        pass
+
+
+def die_with_parent() -> None:
+    _die_with_parent()
 
 
 def _alive(pid: int) -> bool:

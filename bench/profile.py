@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGALRM, on_signal)
     signal.alarm(int(args.duration) + 150)
+    P.die_with_parent()
 
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     workdir = RESULTS / f"{stamp}-profile.tmp"
