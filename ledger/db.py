@@ -127,38 +127,144 @@ def open_store(database_url: str) -> Store:
     raise ValueError(f"unsupported database URL: {database_url}")
 
 
+# --------------------------------------------------------------------------- write-behind
+
+_INSERT_TRANSFER = (
+    "INSERT INTO transfers (id, asset, debit_account, credit_account, amount, kind,"
+    " usage_id, payment_id, hold_id, idempotency_key, created_at)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+)
+_UPSERT_BALANCE = (
+    "INSERT INTO accounts (id, asset, kind, owner_id, balance, created_at) VALUES ($1, $2, $3, $4, $5, $6)"
+    " ON CONFLICT (id) DO UPDATE SET balance = accounts.balance + excluded.balance"
+)
+# Tables whose rows a transaction may still hold in memory; a statement that
+# names one of them sees the buffered rows written first.
+_BUFFERED_TABLES = ("accounts", "transfers")
+
+
+class _BufferedTx:
+    """A transaction that buffers journal rows and balance changes until it
+    needs them.
+
+    ``transfer`` is the hot operation: every metered call makes three to
+    five of them, and most touch the same few accounts (the holding account,
+    the fee account, a provider's earnings). Instead of three statements per
+    transfer, the transaction keeps the new journal rows and the net change
+    per account in memory and writes them with two ``executemany`` calls when
+    it commits, or earlier, the moment any statement names ``accounts`` or
+    ``transfers``. A guarded debit reads the account's balance once per
+    transaction (locking the row on PostgreSQL) and then checks in memory.
+    A repeated idempotency key still fails at the insert, which fails the
+    transaction: the group-commit writer then reruns each operation alone.
+    """
+
+    __slots__ = ("_rows", "_deltas", "_known")
+
+    def __init__(self) -> None:
+        self._rows: list[tuple[Any, ...]] = []
+        self._deltas: dict[str, list[Any]] = {}
+        self._known: dict[str, int] = {}
+
+    # backend hooks
+    async def _exec(self, sql: str, args: tuple[Any, ...]) -> int: ...
+    async def _rows_of(self, sql: str, args: tuple[Any, ...]) -> list[Row]: ...
+    async def _row_of(self, sql: str, args: tuple[Any, ...]) -> Row | None: ...
+    async def _many(self, sql: str, rows: list[tuple[Any, ...]]) -> None: ...
+    async def _read_balance(self, account_id: str) -> int | None: ...
+
+    async def _sync_for(self, sql: str) -> None:
+        if (self._rows or self._deltas) and any(t in sql for t in _BUFFERED_TABLES):
+            await self.flush()
+
+    async def flush(self) -> None:
+        if self._deltas:
+            # Sorted, so concurrent transactions lock account rows in one order.
+            deltas = sorted(self._deltas.items())
+            self._deltas = {}
+            await self._many(_UPSERT_BALANCE, [(k, *v) for k, v in deltas])
+        if self._rows:
+            rows, self._rows = self._rows, []
+            await self._many(_INSERT_TRANSFER, rows)
+        self._known.clear()
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        await self._sync_for(sql)
+        return await self._exec(sql, args)
+
+    async def fetch(self, sql: str, *args: Any) -> list[Row]:
+        await self._sync_for(sql)
+        return await self._rows_of(sql, args)
+
+    async def fetchrow(self, sql: str, *args: Any) -> Row | None:
+        await self._sync_for(sql)
+        return await self._row_of(sql, args)
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        row = await self.fetchrow(sql, *args)
+        return None if row is None else row[0]
+
+    def _delta(self, acct: Any, asset: str, amount: int, now: int) -> None:
+        d = self._deltas.get(acct.id)
+        if d is None:
+            self._deltas[acct.id] = [asset, acct.kind, acct.owner, amount, now]
+        else:
+            d[3] += amount
+        if acct.id in self._known:
+            self._known[acct.id] += amount
+
+    async def transfer(self, t: Transfer, *, guard: bool = False, now: int | None = None) -> bool:
+        d, c = t.debit, t.credit
+        now = now or now_ms()
+        if guard:
+            bal = self._known.get(d.id)
+            if bal is None:
+                stored = await self._read_balance(d.id)
+                pending = self._deltas.get(d.id)
+                # No row yet: only what this transaction credited can be spent.
+                bal = (stored or 0) + (pending[3] if pending else 0)
+                self._known[d.id] = bal
+            if bal < t.amount:
+                return False
+        self._delta(d, t.asset, -t.amount, now)
+        self._delta(c, t.asset, t.amount, now)
+        self._rows.append(
+            (t.id, t.asset, d.id, c.id, t.amount, t.kind, t.usage_id, t.payment_id, t.hold_id,
+             t.idempotency_key, now)
+        )
+        return True
+
+
 # --------------------------------------------------------------------------- PostgreSQL
 
 
-class _PgTx:
+class _PgTx(_BufferedTx):
     __slots__ = ("conn",)
 
     def __init__(self, conn: Any):
+        super().__init__()
         self.conn = conn
 
-    async def execute(self, sql: str, *args: Any) -> int:
+    async def _exec(self, sql: str, args: tuple[Any, ...]) -> int:
         status = await self.conn.execute(sql, *args)
         try:
             return int(status.rsplit(" ", 1)[-1])
         except ValueError:
             return 0
 
-    async def fetch(self, sql: str, *args: Any) -> list[Row]:
+    async def _rows_of(self, sql: str, args: tuple[Any, ...]) -> list[Row]:
         return await self.conn.fetch(sql, *args)
 
-    async def fetchrow(self, sql: str, *args: Any) -> Row | None:
+    async def _row_of(self, sql: str, args: tuple[Any, ...]) -> Row | None:
         return await self.conn.fetchrow(sql, *args)
 
-    async def fetchval(self, sql: str, *args: Any) -> Any:
-        return await self.conn.fetchval(sql, *args)
+    async def _many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        await self.conn.executemany(sql, rows)
 
-    async def transfer(self, t: Transfer, *, guard: bool = False, now: int | None = None) -> bool:
-        d, c = t.debit, t.credit
-        return await self.conn.fetchval(
-            "SELECT tollway_transfer($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16)",
-            t.id, t.asset, d.id, d.kind, d.owner, c.id, c.kind, c.owner, t.amount, t.kind,
-            t.usage_id, t.payment_id, t.hold_id, t.idempotency_key, guard, now or now_ms(),
-        )
+    async def _read_balance(self, account_id: str) -> int | None:
+        # FOR UPDATE: another process's transaction waits for ours, so its
+        # guarded debit sees what we spent.
+        return await self.conn.fetchval("SELECT balance FROM accounts WHERE id = $1 FOR UPDATE", account_id)
 
 
 class PostgresStore(Store):
@@ -189,7 +295,9 @@ class PostgresStore(Store):
         async with self.pool.acquire() as conn:
             try:
                 async with conn.transaction():
-                    yield _PgTx(conn)
+                    tx = _PgTx(conn)
+                    yield tx
+                    await tx.flush()
             except asyncpg.UniqueViolationError as exc:
                 raise DuplicateError(str(exc)) from exc
 
@@ -202,12 +310,20 @@ class PostgresStore(Store):
         await tx.conn.execute(sql)  # type: ignore[attr-defined]
 
 
+_RETRYABLE = ("deadlock", "could not serialize", "SQLITE_BUSY", "database is locked")
+
+
 async def _run_alone(store: Store, op: Op) -> Any:
-    try:
-        async with store.transaction() as tx:
-            return await op(tx)
-    except Exception as exc:  # handed back to the one caller whose op failed
-        return exc
+    for attempt in range(3):
+        try:
+            async with store.transaction() as tx:
+                return await op(tx)
+        except Exception as exc:  # handed back to the one caller whose op failed
+            if attempt < 2 and any(m in str(exc) for m in _RETRYABLE):
+                await asyncio.sleep(0.01 * (attempt + 1))
+                continue
+            return exc
+    return None  # pragma: no cover
 
 
 # --------------------------------------------------------------------------- SQLite
@@ -223,20 +339,22 @@ def _sqlite_sql(sql: str) -> str:
     return out
 
 
-class _SqliteTx:
+class _SqliteTx(_BufferedTx):
     """Runs synchronously on the event loop thread.
 
     SQLite calls for these small statements take microseconds; hopping to a
     thread per statement would cost more than it saves. The store's lock keeps
-    one transaction at a time on the connection.
+    one transaction at a time on the connection, and BEGIN IMMEDIATE keeps
+    other processes out, so a balance read stays true until the commit.
     """
 
     __slots__ = ("db",)
 
     def __init__(self, db: sqlite3.Connection):
+        super().__init__()
         self.db = db
 
-    async def execute(self, sql: str, *args: Any) -> int:
+    async def _exec(self, sql: str, args: tuple[Any, ...]) -> int:
         try:
             return self.db.execute(_sqlite_sql(sql), args).rowcount
         except sqlite3.IntegrityError as exc:
@@ -244,46 +362,21 @@ class _SqliteTx:
                 raise DuplicateError(str(exc)) from exc
             raise
 
-    async def fetch(self, sql: str, *args: Any) -> list[Row]:
+    async def _rows_of(self, sql: str, args: tuple[Any, ...]) -> list[Row]:
         return self.db.execute(_sqlite_sql(sql), args).fetchall()
 
-    async def fetchrow(self, sql: str, *args: Any) -> Row | None:
+    async def _row_of(self, sql: str, args: tuple[Any, ...]) -> Row | None:
         return self.db.execute(_sqlite_sql(sql), args).fetchone()
 
-    async def fetchval(self, sql: str, *args: Any) -> Any:
-        row = self.db.execute(_sqlite_sql(sql), args).fetchone()
-        return None if row is None else row[0]
-
-    async def transfer(self, t: Transfer, *, guard: bool = False, now: int | None = None) -> bool:
-        db, d, c = self.db, t.debit, t.credit
-        now = now or now_ms()
-        if guard:
-            cur = db.execute(
-                "UPDATE accounts SET balance = balance - ?1 WHERE id = ?2 AND balance >= ?1",
-                (t.amount, d.id),
-            )
-            if cur.rowcount == 0:
-                return False
-        else:
-            db.execute(_UPSERT, (d.id, t.asset, d.kind, d.owner, -t.amount, now))
-        db.execute(_UPSERT, (c.id, t.asset, c.kind, c.owner, t.amount, now))
+    async def _many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
         try:
-            db.execute(
-                "INSERT INTO transfers (id, asset, debit_account, credit_account, amount, kind,"
-                " usage_id, payment_id, hold_id, idempotency_key, created_at)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (t.id, t.asset, d.id, c.id, t.amount, t.kind, t.usage_id, t.payment_id,
-                 t.hold_id, t.idempotency_key, now),
-            )
+            self.db.executemany(_sqlite_sql(sql), rows)
         except sqlite3.IntegrityError as exc:
             raise DuplicateError(str(exc)) from exc
-        return True
 
-
-_UPSERT = (
-    "INSERT INTO accounts (id, asset, kind, owner_id, balance, created_at) VALUES (?,?,?,?,?,?)"
-    " ON CONFLICT (id) DO UPDATE SET balance = balance + excluded.balance"
-)
+    async def _read_balance(self, account_id: str) -> int | None:
+        row = self.db.execute("SELECT balance FROM accounts WHERE id = ?", (account_id,)).fetchone()
+        return None if row is None else int(row[0])
 
 
 class SQLiteStore(Store):
@@ -320,8 +413,10 @@ class SQLiteStore(Store):
             # IMMEDIATE takes the write lock up front, so two processes on one
             # file serialize instead of failing later with SQLITE_BUSY.
             self.db.execute("BEGIN IMMEDIATE")
+            tx = _SqliteTx(self.db)
             try:
-                yield _SqliteTx(self.db)
+                yield tx
+                await tx.flush()
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise
