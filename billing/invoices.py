@@ -118,8 +118,11 @@ class InvoiceBook:
             t = self.evm
         if t is not None:
             return t
-        raise BillingError(f"no invoice rail for chain {chain!r}; offered: {', '.join(self._chains)}",
-                           code="unsupported_chain", status=400)
+        raise BillingError(
+            f"no invoice rail for chain {chain!r}; offered: {', '.join(self._chains)}",
+            code="unsupported_chain",
+            status=400,
+        )
 
     # ------------------------------------------------------------------ minting
 
@@ -139,7 +142,8 @@ class InvoiceBook:
         if batch > 1 and not wallet_address:
             raise BillingError(
                 "a prepaid batch needs X-Wallet-Address to know whose balance to credit",
-                code="wallet_address_required_for_prepaid_batches", status=400,
+                code="wallet_address_required_for_prepaid_batches",
+                status=400,
             )
         if isinstance(terms, CardanoTerms):
             price = math.ceil(svc.price_units * terms.rate)
@@ -162,17 +166,36 @@ class InvoiceBook:
             "INSERT INTO invoices (id, service_id, chain, asset, token, amount, decimals, price, batch_target,"
             " pay_to, outputs, partner, wallet_address, owner_id, req_method, req_path, req_body_hash, status,"
             " created_at, expires_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,'open',$18,$19)",
-            inv_id, svc.id, terms.chain, terms.asset, token, amount, terms.decimals, price, batch, terms.pay_to,
-            json.dumps(outputs), self.partner, wallet_address, owner_id, binding.method, binding.path,
-            binding.body_hash, now, now + self.ttl_ms,
+            inv_id,
+            svc.id,
+            terms.chain,
+            terms.asset,
+            token,
+            amount,
+            terms.decimals,
+            price,
+            batch,
+            terms.pay_to,
+            json.dumps(outputs),
+            self.partner,
+            wallet_address,
+            owner_id,
+            binding.method,
+            binding.path,
+            binding.body_hash,
+            now,
+            now + self.ttl_ms,
         )
         row = await self.store.fetchrow("SELECT * FROM invoices WHERE id = $1", inv_id)
         assert row is not None
         return self.detail(row)
 
     def detail(self, inv: Row) -> dict[str, Any]:
-        extra: dict[str, Any] = {"partner": inv["partner"], "batchTarget": int(inv["batch_target"]),
-                                 "outputs": json.loads(inv["outputs"])}
+        extra: dict[str, Any] = {
+            "partner": inv["partner"],
+            "batchTarget": int(inv["batch_target"]),
+            "outputs": json.loads(inv["outputs"]),
+        }
         if inv["chain"].startswith("cardano"):
             extra["lovelace"] = inv["token"] == "lovelace"
         else:
@@ -203,8 +226,14 @@ class InvoiceBook:
         if inv["status"] == "paid":
             raise PaymentConflict("this invoice is already paid", code="invoice_already_used")
         if int(inv["expires_at"]) < now_ms():
-            raise PaymentRejected("the invoice has expired; request a new one", code="invoice_expired")
-        if (inv["req_method"], inv["req_path"], inv["req_body_hash"]) != (binding.method, binding.path, binding.body_hash):
+            raise PaymentRejected(
+                "the invoice has expired; request a new one", code="invoice_expired"
+            )
+        if (inv["req_method"], inv["req_path"], inv["req_body_hash"]) != (
+            binding.method,
+            binding.path,
+            binding.body_hash,
+        ):
             raise PaymentConflict(
                 "this invoice was minted for another request (method, path or body differ)",
                 code="invoice_request_mismatch",
@@ -221,48 +250,79 @@ class InvoiceBook:
                 "SELECT id FROM payments WHERE rail = $1 AND external_ref = $2", rail, tx_ref
             )
             if taken is not None:
-                raise PaymentConflict("this transaction already paid an invoice", code="payment_already_used")
+                raise PaymentConflict(
+                    "this transaction already paid an invoice", code="payment_already_used"
+                )
             await tx.execute(
                 "INSERT INTO payments (id, rail, external_ref, owner_id, asset, amount, status, detail, created_at)"
                 " VALUES ($1, $2, $3, $4, $5, $6, 'credited', $7, $8)",
-                payment_id, rail, tx_ref, owner, asset, received, json.dumps({"invoice": invoice_id}), now,
+                payment_id,
+                rail,
+                tx_ref,
+                owner,
+                asset,
+                received,
+                json.dumps({"invoice": invoice_id}),
+                now,
             )
             flipped = await tx.execute(
                 "UPDATE invoices SET status = 'paid', payment_id = $2, paid_at = $3"
                 " WHERE id = $1 AND status = 'open' AND expires_at >= $3",
-                invoice_id, payment_id, now,
+                invoice_id,
+                payment_id,
+                now,
             )
             if flipped != 1:
                 raise PaymentConflict("this invoice is already paid", code="invoice_already_used")
             await tx.transfer(
-                Transfer(new_id("tr"), j.world(asset), j.wallet(owner, asset), received, "invoice_deposit",
-                         f"invoice:{invoice_id}", payment_id=payment_id),
+                Transfer(
+                    new_id("tr"),
+                    j.world(asset),
+                    j.wallet(owner, asset),
+                    received,
+                    "invoice_deposit",
+                    f"invoice:{invoice_id}",
+                    payment_id=payment_id,
+                ),
                 now=now,
             )
-            return await ops.reserve(tx, ops.Reservation(usage_id, owner, svc.id, 0, price, asset, hold_ttl))
+            return await ops.reserve(
+                tx, ops.Reservation(usage_id, owner, svc.id, 0, price, asset, hold_ttl)
+            )
 
         try:
             reserved = await self.writer.submit(consume)
         except Exception as exc:
             if "unique" in str(exc).lower() or "duplicate" in type(exc).__name__.lower():
-                raise PaymentConflict("this transaction already paid an invoice", code="payment_already_used") from None
+                raise PaymentConflict(
+                    "this transaction already paid an invoice", code="payment_already_used"
+                ) from None
             raise
         return PaidInvoice(inv, owner, priced, reserved, payment_id, received)
 
-    async def draw(self, invoice_id: str, wallet_address: str | None, svc: Service, usage_id: str) -> PaidInvoice:
+    async def draw(
+        self, invoice_id: str, wallet_address: str | None, svc: Service, usage_id: str
+    ) -> PaidInvoice:
         """A later call of a paid batch: the paid invoice id and its wallet address draw from the batch."""
         inv = await self.get(invoice_id)
         if inv is None or inv["service_id"] != svc.id:
             raise PaymentRejected("unknown invoice for this service", code="invoice_not_found")
         if inv["status"] != "paid":
-            raise PaymentRejected("this invoice is not paid; send X-Payment with it", code="invoice_unpaid")
+            raise PaymentRejected(
+                "this invoice is not paid; send X-Payment with it", code="invoice_unpaid"
+            )
         if not wallet_address:
-            raise BillingError("X-Wallet-Address is required to draw from a prepaid batch",
-                               code="wallet_address_required_for_prepaid_batches", status=400)
+            raise BillingError(
+                "X-Wallet-Address is required to draw from a prepaid batch",
+                code="wallet_address_required_for_prepaid_batches",
+                status=400,
+            )
         if (inv["wallet_address"] or "").lower() != wallet_address.lower():
             raise PaymentRejected("this wallet did not pay that invoice", code="wallet_mismatch")
         priced = replace(svc, price_units=int(inv["price"]), asset=inv["asset"], free_tier_calls=0)
-        r = ops.Reservation(usage_id, inv["owner_id"], svc.id, 0, int(inv["price"]), inv["asset"], self.hold_ttl_ms)
+        r = ops.Reservation(
+            usage_id, inv["owner_id"], svc.id, 0, int(inv["price"]), inv["asset"], self.hold_ttl_ms
+        )
         reserved = await self.writer.submit(lambda tx: ops.reserve(tx, r))
         return PaidInvoice(inv, inv["owner_id"], priced, reserved)
 
@@ -271,26 +331,37 @@ class InvoiceBook:
         chain = inv["chain"]
         if chain.startswith("eip155:"):
             if self.evm is None or self.evm_client is None:
-                raise BillingError("EVM payments are not configured", code="unsupported_chain", status=400)
+                raise BillingError(
+                    "EVM payments are not configured", code="unsupported_chain", status=400
+                )
             t = await self.evm_client.verify_token_transfer(
-                payment, token=inv["token"], pay_to=inv["pay_to"], min_amount=int(inv["amount"]),
+                payment,
+                token=inv["token"],
+                pay_to=inv["pay_to"],
+                min_amount=int(inv["amount"]),
                 # Block times have one-second resolution: a transfer in the
                 # invoice's own second counts as after it.
-                not_before_unix=int(inv["created_at"]) // 1000 - 1, min_confirmations=self.evm.confirmations,
+                not_before_unix=int(inv["created_at"]) // 1000 - 1,
+                min_confirmations=self.evm.confirmations,
             )
             return chain, t.tx_hash.lower(), int(t.amount)
         if self.cardano is None or self.cardano_rail is None:
-            raise BillingError("Cardano payments are not configured", code="unsupported_chain", status=400)
+            raise BillingError(
+                "Cardano payments are not configured", code="unsupported_chain", status=400
+            )
         from billing.rails.cardano import CardanoAsset, ExpectedPayment, RequiredOutput
 
         unit = inv["token"]
         asset = CardanoAsset.lovelace() if unit == "lovelace" else CardanoAsset.from_unit(unit)
         splits = tuple(
-            RequiredOutput(o["address"], asset, int(o["amount"])) for o in json.loads(inv["outputs"])
+            RequiredOutput(o["address"], asset, int(o["amount"]))
+            for o in json.loads(inv["outputs"])
         )
         expected = ExpectedPayment(inv["pay_to"], asset, int(inv["amount"]), splits)
         if len(payment) == 64 and all(c in "0123456789abcdefABCDEF" for c in payment):
-            confirmed = await self.cardano_rail.verify_tx_hash(payment, expected, self.cardano.confirmations)
+            confirmed = await self.cardano_rail.verify_tx_hash(
+                payment, expected, self.cardano.confirmations
+            )
             tx_id, outputs = confirmed.tx_id, confirmed.outputs
         else:
             tx_id, outputs = await self.cardano_rail.verify_and_submit(payment, expected)
@@ -309,22 +380,28 @@ class InvoiceBook:
         out = self.detail(inv)
         out.update({"status": status, "serviceId": inv["service_id"], "paidAt": inv["paid_at"]})
         if inv["payment_id"]:
-            ref = await self.store.fetchval("SELECT external_ref FROM payments WHERE id = $1", inv["payment_id"])
+            ref = await self.store.fetchval(
+                "SELECT external_ref FROM payments WHERE id = $1", inv["payment_id"]
+            )
             out["paymentTx"] = ref
         return out
 
     async def balance(self, partner: str, wallet: str) -> dict[str, Any]:
         owner = f"{partner}:{wallet}"
         rows = await self.store.fetch(
-            "SELECT asset, balance FROM accounts WHERE kind = 'wallet' AND owner_id = $1 ORDER BY asset", owner
+            "SELECT asset, balance FROM accounts WHERE kind = 'wallet' AND owner_id = $1 ORDER BY asset",
+            owner,
         )
         decimals = {t.asset: t.decimals for t in (self.evm, self.cardano) if t is not None}
         return {
             "partner": partner,
             "wallet": wallet,
             "balances": [
-                {"asset": r["asset"], "amountUnits": str(r["balance"]),
-                 "amount": format_amount(int(r["balance"]), decimals.get(r["asset"], 6))}
+                {
+                    "asset": r["asset"],
+                    "amountUnits": str(r["balance"]),
+                    "amount": format_amount(int(r["balance"]), decimals.get(r["asset"], 6)),
+                }
                 for r in rows
             ],
         }

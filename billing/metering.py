@@ -7,8 +7,8 @@ a batched transaction; neither ever reads or writes the store on its own.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable
 
 from billing.errors import BillingError, PaymentRequired
 from billing.money import fee_of
@@ -61,13 +61,20 @@ class Meter:
         self.idem_window_ms = idem_window_ms
         self.fee_bps_for = fee_bps_for
 
-    async def begin(self, buyer_id: str, service: Service, usage_id: str, idem_key: str | None = None) -> Ticket:
+    async def begin(
+        self, buyer_id: str, service: Service, usage_id: str, idem_key: str | None = None
+    ) -> Ticket:
         if idem_key is None and service.free_tier_calls <= 0 and service.price_units <= 0:
             # Nothing to reserve or remember: skip the store entirely.
             return Ticket(usage_id, buyer_id, service, ops.NO_CHARGE, None, 0, 0, False, None)
         res = ops.Reservation(
-            usage_id, buyer_id, service.id, service.free_tier_calls, service.price_units,
-            service.asset, self.hold_ttl_ms,
+            usage_id,
+            buyer_id,
+            service.id,
+            service.free_tier_calls,
+            service.price_units,
+            service.asset,
+            self.hold_ttl_ms,
         )
         window = self.idem_window_ms
 
@@ -91,10 +98,15 @@ class Meter:
             raise PaymentRequired("no free-tier calls left and the prepaid balance is too low")
         amount = service.price_units if reserved.mode == ops.HELD else 0
         return Ticket(
-            usage_id=usage_id, buyer_id=buyer_id, service=service, mode=reserved.mode,
-            hold_id=reserved.hold_id, amount=amount,
+            usage_id=usage_id,
+            buyer_id=buyer_id,
+            service=service,
+            mode=reserved.mode,
+            hold_id=reserved.hold_id,
+            amount=amount,
             fee=fee_of(amount, self.fee_bps_for(service.provider_id)),
-            free_tier=reserved.mode == ops.FREE, idem_key=idem_key,
+            free_tier=reserved.mode == ops.FREE,
+            idem_key=idem_key,
         )
 
     def outcome(
@@ -109,16 +121,27 @@ class Meter:
     ) -> ops.Outcome:
         served = ops.served(upstream_status)
         usage = ops.Usage(
-            id=t.usage_id, buyer_id=t.buyer_id, service_id=t.service.id,
-            provider_id=t.service.provider_id, asset=t.service.asset,
+            id=t.usage_id,
+            buyer_id=t.buyer_id,
+            service_id=t.service.id,
+            provider_id=t.service.provider_id,
+            asset=t.service.asset,
             payment_method="free_tier" if t.free_tier else ("prepaid" if t.amount else "none"),
-            upstream_status=upstream_status, latency_ms=latency_ms, bytes_in=bytes_in,
-            bytes_out=bytes_out, request_id=request_id,
+            upstream_status=upstream_status,
+            latency_ms=latency_ms,
+            bytes_in=bytes_in,
+            bytes_out=bytes_out,
+            request_id=request_id,
         )
         return ops.Outcome(
-            usage=usage, mode=t.mode, hold_id=t.hold_id, held=t.amount,
-            charge=t.amount if served else 0, fee=t.fee if served else 0,
-            free_tier=t.free_tier, idem_key=t.idem_key,
+            usage=usage,
+            mode=t.mode,
+            hold_id=t.hold_id,
+            held=t.amount,
+            charge=t.amount if served else 0,
+            fee=t.fee if served else 0,
+            free_tier=t.free_tier,
+            idem_key=t.idem_key,
         )
 
     async def finish(self, o: ops.Outcome) -> int:

@@ -14,7 +14,7 @@ class AmountError(ValueError):
 def parse_amount(value: object, decimals: int, *, allow_zero: bool = True) -> int:
     """'0.05' -> 50000 for 6 decimals. Refuses floats, signs, exponents and excess precision."""
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise AmountError("amount must be a decimal string such as \"0.05\"")
+        raise AmountError('amount must be a decimal string such as "0.05"')
     s = str(value).strip()
     m = _DECIMAL.match(s)
     if not m:

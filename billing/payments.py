@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from billing.errors import BillingError, PaymentConflict, PaymentRejected
 from billing.metering import Meter, Ticket
@@ -49,8 +50,14 @@ def _claimed_authorization(payload: Any) -> tuple[str, str]:
     """(from, nonce) as the payload claims them, before any check: the reservation key."""
     inner = getattr(payload, "payload", None)
     auth = inner.get("authorization") if isinstance(inner, dict) else None
-    if not isinstance(auth, dict) or not isinstance(auth.get("from"), str) or not isinstance(auth.get("nonce"), str):
-        raise PaymentRejected("x402 payload has no EIP-3009 authorization", code="invalid_payment_header")
+    if (
+        not isinstance(auth, dict)
+        or not isinstance(auth.get("from"), str)
+        or not isinstance(auth.get("nonce"), str)
+    ):
+        raise PaymentRejected(
+            "x402 payload has no EIP-3009 authorization", code="invalid_payment_header"
+        )
     return auth["from"].lower(), auth["nonce"].lower()
 
 
@@ -71,32 +78,52 @@ class X402Gateway:
 
     def offer(self, svc: Service, resource_url: str, message: str) -> x402r.X402Offer:
         return x402r.build_offer(
-            self.rails, amount=svc.price_units, resource_url=resource_url,
-            description=svc.name, error=message,
+            self.rails,
+            amount=svc.price_units,
+            resource_url=resource_url,
+            description=svc.name,
+            error=message,
         )
 
     async def accept(
-        self, header_value: str, svc: Service, buyer_id: str | None, usage_id: str, resource_url: str
+        self,
+        header_value: str,
+        svc: Service,
+        buyer_id: str | None,
+        usage_id: str,
+        resource_url: str,
     ) -> X402Call:
         if svc.price_units <= 0:
-            raise BillingError("this service is free; no payment is needed", code="payment_not_needed", status=400)
+            raise BillingError(
+                "this service is free; no payment is needed", code="payment_not_needed", status=400
+            )
         payload = x402r.decode_payment_header(header_value)
         payer, nonce = _claimed_authorization(payload)
         key = f"x402:{payer}:{nonce}"
         payment_id = new_id("pay")
         await self._reserve(payment_id, key, payer, svc.price_units)
         try:
-            verified = await self.processor.verify(payload, amount=svc.price_units, resource_url=resource_url)
+            verified = await self.processor.verify(
+                payload, amount=svc.price_units, resource_url=resource_url
+            )
             if verified.payer.lower() != payer or verified.nonce.lower() != nonce:
-                raise PaymentRejected("the authorization does not match its claim", code="invalid_signature")
+                raise PaymentRejected(
+                    "the authorization does not match its claim", code="invalid_signature"
+                )
         except BaseException:
             await self._release(payment_id)
             raise
         buyer = buyer_id or f"x402:{verified.payer.lower()}"
         ticket = Ticket(
-            usage_id=usage_id, buyer_id=buyer, service=svc, mode="paid", hold_id=None,
-            amount=svc.price_units, fee=fee_of(svc.price_units, self.meter.fee_bps_for(svc.provider_id)),
-            free_tier=False, idem_key=None,
+            usage_id=usage_id,
+            buyer_id=buyer,
+            service=svc,
+            mode="paid",
+            hold_id=None,
+            amount=svc.price_units,
+            fee=fee_of(svc.price_units, self.meter.fee_bps_for(svc.provider_id)),
+            free_tier=False,
+            idem_key=None,
         )
         return X402Call(ticket, verified, payment_id)
 
@@ -105,7 +132,12 @@ class X402Gateway:
             n = await tx.execute(
                 "INSERT INTO payments (id, rail, external_ref, owner_id, asset, amount, status, created_at)"
                 " VALUES ($1, 'x402', $2, $3, $4, $5, 'reserved', $6) ON CONFLICT (rail, external_ref) DO NOTHING",
-                payment_id, key, payer, self.asset, amount, now_ms(),
+                payment_id,
+                key,
+                payer,
+                self.asset,
+                amount,
+                now_ms(),
             )
             return n == 1
 
@@ -114,7 +146,9 @@ class X402Gateway:
 
     async def _release(self, payment_id: str) -> None:
         async def op(tx: Tx) -> None:
-            await tx.execute("DELETE FROM payments WHERE id = $1 AND status = 'reserved'", payment_id)
+            await tx.execute(
+                "DELETE FROM payments WHERE id = $1 AND status = 'reserved'", payment_id
+            )
 
         try:
             await self.writer.submit(op)
@@ -134,7 +168,9 @@ class X402Gateway:
             await self._mark(call.payment_id, "failed", {"error": str(exc)})
             await self.meter.finish(_unserved(outcome))
             if isinstance(exc, BillingError):
-                raise PaymentRejected(f"settlement failed: {exc.message}", code="settlement_failed") from exc
+                raise PaymentRejected(
+                    f"settlement failed: {exc.message}", code="settlement_failed"
+                ) from exc
             raise PaymentRejected("settlement failed", code="settlement_failed") from exc
         call.response_headers[settlement.header_name] = settlement.header_value
         v = call.verified
@@ -147,8 +183,16 @@ class X402Gateway:
                 "UPDATE payments SET status = 'settled', detail = $2 WHERE id = $1", pid, detail
             )
             await tx.transfer(
-                Transfer(new_id("tr"), j.world(asset), j.wallet(buyer, asset), v.amount, "x402_deposit",
-                         f"x402:{pid}", payment_id=pid, usage_id=call.ticket.usage_id)
+                Transfer(
+                    new_id("tr"),
+                    j.world(asset),
+                    j.wallet(buyer, asset),
+                    v.amount,
+                    "x402_deposit",
+                    f"x402:{pid}",
+                    payment_id=pid,
+                    usage_id=call.ticket.usage_id,
+                )
             )
             return await finish(tx)
 
@@ -157,7 +201,10 @@ class X402Gateway:
     async def _mark(self, payment_id: str, status: str, detail: dict[str, Any]) -> None:
         async def op(tx: Tx) -> None:
             await tx.execute(
-                "UPDATE payments SET status = $2, detail = $3 WHERE id = $1", payment_id, status, json.dumps(detail)
+                "UPDATE payments SET status = $2, detail = $3 WHERE id = $1",
+                payment_id,
+                status,
+                json.dumps(detail),
             )
 
         try:

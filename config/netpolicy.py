@@ -41,7 +41,9 @@ def forbidden_address(addr: str) -> bool:
     )
 
 
-def check_url(url: str, *, allow_private: bool, schemes: tuple[str, ...] = ("http", "https")) -> str | None:
+def check_url(
+    url: str, *, allow_private: bool, schemes: tuple[str, ...] = ("http", "https")
+) -> str | None:
     """Return why ``url`` is refused, or None when it is acceptable at registration."""
     try:
         parts = urlsplit(url)
@@ -53,7 +55,7 @@ def check_url(url: str, *, allow_private: bool, schemes: tuple[str, ...] = ("htt
     if not host:
         return "URL has no host"
     try:
-        parts.port
+        _ = parts.port  # raises on a malformed port
     except ValueError:
         return "invalid port"
     if parts.username or parts.password:
@@ -72,7 +74,9 @@ class PolicyResolver(AbstractResolver):
         self._allow_private = allow_private
         self._inner = inner or DefaultResolver()
 
-    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[dict[str, Any]]:
+    async def resolve(
+        self, host: str, port: int = 0, family: int = socket.AF_INET
+    ) -> list[dict[str, Any]]:
         if not self._allow_private and host.lower().rstrip(".") in LOCAL_NAMES:
             raise AddressForbidden(f"{host} is a local name")
         infos = await self._inner.resolve(host, port, family)

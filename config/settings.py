@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 ENV_PREFIX = "TOLLWAY_"
 
@@ -131,12 +132,16 @@ class Settings:
     webhook_timeout_seconds: float = 5.0
     webhook_poll_interval_seconds: float = 0.5
 
-    def replace(self, **changes: Any) -> "Settings":
+    def replace(self, **changes: Any) -> Settings:
         return validate(dataclasses.replace(self, **changes))
 
     @property
     def storage_kind(self) -> str:
-        return "postgres" if self.database_url.startswith(("postgres://", "postgresql://")) else "sqlite"
+        return (
+            "postgres"
+            if self.database_url.startswith(("postgres://", "postgresql://"))
+            else "sqlite"
+        )
 
 
 _PARSERS: dict[str, Callable[[Any], Any]] = {}
@@ -183,7 +188,9 @@ def validate(s: Settings) -> Settings:
     _check("upstream_read_timeout", s.upstream_read_timeout > 0, "must be positive")
     _check("upstream_pool_size", s.upstream_pool_size > 0, "must be positive")
     _check("ip_rate_limit", s.ip_rate_limit >= 0, "must be >= 0 (0 turns it off)")
-    _check("redis_down_policy", s.redis_down_policy in ("local", "closed"), "must be local or closed")
+    _check(
+        "redis_down_policy", s.redis_down_policy in ("local", "closed"), "must be local or closed"
+    )
     _check("asset_decimals", 0 <= s.asset_decimals <= 18, "must be between 0 and 18")
     _check("platform_fee_bps", 0 <= s.platform_fee_bps <= 10000, "must be 0..10000 basis points")
     _check(
@@ -205,13 +212,20 @@ def validate(s: Settings) -> Settings:
         s.admin_key is None or (":" in s.admin_key and all(s.admin_key.split(":", 1))),
         "must be key_id:secret",
     )
-    _check("log_level", s.log_level in ("debug", "info", "warning", "error"), "debug|info|warning|error")
+    _check(
+        "log_level",
+        s.log_level in ("debug", "info", "warning", "error"),
+        "debug|info|warning|error",
+    )
     _check("evm_confirmations", s.evm_confirmations >= 0, "must be >= 0")
     _check("invoice_ttl_seconds", s.invoice_ttl_seconds > 0, "must be positive")
     for entry in s.x402_tokens:
         cid, sep, addr = entry.partition(":")
-        _check("x402_tokens", bool(sep and cid.isdigit() and addr.startswith("0x") and len(addr) == 42),
-               "entries must be domain_chain_id:0xTokenAddress")
+        _check(
+            "x402_tokens",
+            bool(sep and cid.isdigit() and addr.startswith("0x") and len(addr) == 42),
+            "entries must be domain_chain_id:0xTokenAddress",
+        )
     _check("invoice_batch_target", s.invoice_batch_target >= 1, "must be >= 1")
     _check("stripe_units_per_cent", s.stripe_units_per_cent > 0, "must be positive")
     _check("webhook_max_per_owner", s.webhook_max_per_owner >= 1, "must be >= 1")
@@ -226,8 +240,11 @@ def validate(s: Settings) -> Settings:
     _check("cardano_rate", ok, "must be a positive decimal")
     for entry in s.cardano_split_outputs:
         addr, sep, bps = entry.rpartition("=")
-        _check("cardano_split_outputs", bool(sep and addr and bps.isdigit() and 0 < int(bps) < 10000),
-               "entries must be address=basis_points")
+        _check(
+            "cardano_split_outputs",
+            bool(sep and addr and bps.isdigit() and 0 < int(bps) < 10000),
+            "entries must be address=basis_points",
+        )
     return s
 
 
@@ -258,9 +275,9 @@ def load(
         _apply(values, data.get("tollway", data), config_file)
     env = os.environ if env is None else env
     from_env = {
-        k[len(ENV_PREFIX):].lower(): v
+        k[len(ENV_PREFIX) :].lower(): v
         for k, v in env.items()
-        if k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX):].lower() in _PARSERS
+        if k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX) :].lower() in _PARSERS
     }
     _apply(values, from_env, "environment")
     if overrides:

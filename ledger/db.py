@@ -17,9 +17,11 @@ import asyncio
 import contextlib
 import re
 import sqlite3
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Protocol, Sequence, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from ledger.journal import Transfer, now_ms
 
@@ -37,7 +39,9 @@ class Tx(Protocol):
     async def fetch(self, sql: str, *args: Any) -> list[Row]: ...
     async def fetchrow(self, sql: str, *args: Any) -> Row | None: ...
     async def fetchval(self, sql: str, *args: Any) -> Any: ...
-    async def transfer(self, t: Transfer, *, guard: bool = False, now: int | None = None) -> bool: ...
+    async def transfer(
+        self, t: Transfer, *, guard: bool = False, now: int | None = None
+    ) -> bool: ...
 
 
 class Store:
@@ -123,7 +127,7 @@ def open_store(database_url: str) -> Store:
     if database_url.startswith(("postgres://", "postgresql://")):
         return PostgresStore(database_url)
     if database_url.startswith("sqlite:///"):
-        return SQLiteStore(database_url[len("sqlite:///"):])
+        return SQLiteStore(database_url[len("sqlite:///") :])
     raise ValueError(f"unsupported database URL: {database_url}")
 
 
@@ -229,8 +233,19 @@ class _BufferedTx:
         self._delta(d, t.asset, -t.amount, now)
         self._delta(c, t.asset, t.amount, now)
         self._rows.append(
-            (t.id, t.asset, d.id, c.id, t.amount, t.kind, t.usage_id, t.payment_id, t.hold_id,
-             t.idempotency_key, now)
+            (
+                t.id,
+                t.asset,
+                d.id,
+                c.id,
+                t.amount,
+                t.kind,
+                t.usage_id,
+                t.payment_id,
+                t.hold_id,
+                t.idempotency_key,
+                now,
+            )
         )
         return True
 
@@ -264,7 +279,9 @@ class _PgTx(_BufferedTx):
     async def _read_balance(self, account_id: str) -> int | None:
         # FOR UPDATE: another process's transaction waits for ours, so its
         # guarded debit sees what we spent.
-        return await self.conn.fetchval("SELECT balance FROM accounts WHERE id = $1 FOR UPDATE", account_id)
+        return await self.conn.fetchval(
+            "SELECT balance FROM accounts WHERE id = $1 FOR UPDATE", account_id
+        )
 
 
 class PostgresStore(Store):
@@ -399,9 +416,26 @@ class SQLiteStore(Store):
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA busy_timeout=10000")
         db.execute("PRAGMA foreign_keys=ON")
+        # Checkpoints copy the WAL into the database file and fsync it; left
+        # to SQLite they run inside a commit on the event loop. A thread does
+        # them instead (sqlite3 releases the GIL while it works).
+        db.execute("PRAGMA wal_autocheckpoint=0")
         self.db = db
+        if self.path != ":memory:":
+            self._stop = threading.Event()
+            self._checkpointer = threading.Thread(
+                target=_checkpoint_loop,
+                args=(self.path, self._stop),
+                name="sqlite-checkpoint",
+                daemon=True,
+            )
+            self._checkpointer.start()
 
     async def close(self) -> None:
+        if getattr(self, "_checkpointer", None) is not None:
+            self._stop.set()
+            await asyncio.to_thread(self._checkpointer.join, 5)
+            self._checkpointer = None
         if self.db is not None:
             self.db.close()
             self.db = None
@@ -434,6 +468,23 @@ class SQLiteStore(Store):
         assert self.db is not None
         for stmt in _split_sql(sql):
             self.db.execute(stmt)
+
+
+def _checkpoint_loop(path: str, stop: threading.Event, interval: float = 0.5) -> None:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA busy_timeout=1000")
+    try:
+        while not stop.wait(interval):
+            try:
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.Error:
+                pass  # busy or locked: the next round gets it
+        try:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error:
+            pass
+    finally:
+        conn.close()
 
 
 def _split_sql(sql: str) -> list[str]:

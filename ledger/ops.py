@@ -53,13 +53,16 @@ async def reserve(tx: Tx, r: Reservation) -> Reserved:
         used = await tx.fetchval(
             "UPDATE free_tier_usage SET used = used + 1"
             " WHERE buyer_id = $1 AND service_id = $2 AND used < $3 RETURNING used",
-            r.buyer_id, r.service_id, r.free_quota,
+            r.buyer_id,
+            r.service_id,
+            r.free_quota,
         )
         if used is None:
             inserted = await tx.execute(
                 "INSERT INTO free_tier_usage (buyer_id, service_id, used) VALUES ($1, $2, 1)"
                 " ON CONFLICT (buyer_id, service_id) DO NOTHING",
-                r.buyer_id, r.service_id,
+                r.buyer_id,
+                r.service_id,
             )
             used = 1 if inserted else None
         if used is not None:
@@ -69,17 +72,31 @@ async def reserve(tx: Tx, r: Reservation) -> Reserved:
     hold_id = "h" + r.usage_id
     now = now_ms()
     ok = await tx.transfer(
-        Transfer(new_id("tr"), j.wallet(r.buyer_id, r.asset), j.holding(r.asset), r.price,
-                 "hold", f"hold:{hold_id}", usage_id=r.usage_id, hold_id=hold_id),
-        guard=True, now=now,
+        Transfer(
+            new_id("tr"),
+            j.wallet(r.buyer_id, r.asset),
+            j.holding(r.asset),
+            r.price,
+            "hold",
+            f"hold:{hold_id}",
+            usage_id=r.usage_id,
+            hold_id=hold_id,
+        ),
+        guard=True,
+        now=now,
     )
     if not ok:
         return Reserved(INSUFFICIENT)
     await tx.execute(
         "INSERT INTO holds (id, account_id, asset, amount, status, usage_id, expires_at, created_at)"
         " VALUES ($1, $2, $3, $4, 'pending', $5, $6, $7)",
-        hold_id, j.wallet(r.buyer_id, r.asset).id, r.asset, r.price, r.usage_id,
-        now + r.hold_ttl_ms, now,
+        hold_id,
+        j.wallet(r.buyer_id, r.asset).id,
+        r.asset,
+        r.price,
+        r.usage_id,
+        now + r.hold_ttl_ms,
+        now,
     )
     return Reserved(HELD, hold_id=hold_id)
 
@@ -130,8 +147,16 @@ async def finish(tx: Tx, o: Outcome) -> int:
             outcome = "voided"
             if await _resolve_hold(tx, o.hold_id, "voided", now):
                 await tx.transfer(
-                    Transfer(new_id("tr"), j.holding(u.asset), j.wallet(u.buyer_id, u.asset),
-                             o.held, "void", f"void:{o.hold_id}", usage_id=u.id, hold_id=o.hold_id),
+                    Transfer(
+                        new_id("tr"),
+                        j.holding(u.asset),
+                        j.wallet(u.buyer_id, u.asset),
+                        o.held,
+                        "void",
+                        f"void:{o.hold_id}",
+                        usage_id=u.id,
+                        hold_id=o.hold_id,
+                    ),
                     now=now,
                 )
     elif o.mode == FREE and o.charge == 0 and not _served(u):
@@ -140,7 +165,8 @@ async def finish(tx: Tx, o: Outcome) -> int:
         await tx.execute(
             "UPDATE free_tier_usage SET used = used - 1"
             " WHERE buyer_id = $1 AND service_id = $2 AND used > 0",
-            u.buyer_id, u.service_id,
+            u.buyer_id,
+            u.service_id,
         )
     elif o.mode == "paid":
         charged = o.charge
@@ -153,22 +179,38 @@ async def finish(tx: Tx, o: Outcome) -> int:
         "INSERT INTO usage_records (id, buyer_id, service_id, provider_id, amount, asset, free_tier,"
         " payment_method, outcome, upstream_status, latency_ms, bytes_in, bytes_out, request_id,"
         " hold_id, created_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16)",
-        u.id, u.buyer_id, u.service_id, u.provider_id, charged, u.asset,
-        1 if (o.free_tier and _served(u)) else 0, u.payment_method, outcome, u.upstream_status,
-        u.latency_ms, u.bytes_in, u.bytes_out, u.request_id, o.hold_id, u.created_at,
+        u.id,
+        u.buyer_id,
+        u.service_id,
+        u.provider_id,
+        charged,
+        u.asset,
+        1 if (o.free_tier and _served(u)) else 0,
+        u.payment_method,
+        outcome,
+        u.upstream_status,
+        u.latency_ms,
+        u.bytes_in,
+        u.bytes_out,
+        u.request_id,
+        o.hold_id,
+        u.created_at,
     )
     if o.idem_key is not None:
         if _served(u):
             await tx.execute(
                 "UPDATE idempotency_keys SET state = 'done', usage_id = $3"
                 " WHERE buyer_id = $1 AND idem_key = $2",
-                u.buyer_id, o.idem_key, u.id,
+                u.buyer_id,
+                o.idem_key,
+                u.id,
             )
         else:
             # Nothing was charged: let the client retry with the same key.
             await tx.execute(
                 "DELETE FROM idempotency_keys WHERE buyer_id = $1 AND idem_key = $2",
-                u.buyer_id, o.idem_key,
+                u.buyer_id,
+                o.idem_key,
             )
     return charged
 
@@ -189,7 +231,9 @@ def _served(u: Usage) -> bool:
 async def _resolve_hold(tx: Tx, hold_id: str, status: str, now: int) -> bool:
     n = await tx.execute(
         "UPDATE holds SET status = $2, resolved_at = $3 WHERE id = $1 AND status = 'pending'",
-        hold_id, status, now,
+        hold_id,
+        status,
+        now,
     )
     return n == 1
 
@@ -201,22 +245,49 @@ async def _capture(tx: Tx, o: Outcome, u: Usage, now: int) -> None:
     provider_share = o.charge - o.fee
     if provider_share > 0:
         await tx.transfer(
-            Transfer(new_id("tr"), source, j.earnings(u.provider_id, u.asset), provider_share,
-                     "charge", f"charge:{ref}", usage_id=u.id, hold_id=o.hold_id,
-                     payment_id=o.payment_id),
-            guard=o.mode != HELD, now=now,
+            Transfer(
+                new_id("tr"),
+                source,
+                j.earnings(u.provider_id, u.asset),
+                provider_share,
+                "charge",
+                f"charge:{ref}",
+                usage_id=u.id,
+                hold_id=o.hold_id,
+                payment_id=o.payment_id,
+            ),
+            guard=o.mode != HELD,
+            now=now,
         )
     if o.fee > 0:
         await tx.transfer(
-            Transfer(new_id("tr"), source, j.fees(u.asset), o.fee, "fee", f"fee:{ref}",
-                     usage_id=u.id, hold_id=o.hold_id, payment_id=o.payment_id),
-            guard=o.mode != HELD, now=now,
+            Transfer(
+                new_id("tr"),
+                source,
+                j.fees(u.asset),
+                o.fee,
+                "fee",
+                f"fee:{ref}",
+                usage_id=u.id,
+                hold_id=o.hold_id,
+                payment_id=o.payment_id,
+            ),
+            guard=o.mode != HELD,
+            now=now,
         )
     rest = o.held - o.charge
     if o.mode == HELD and rest > 0:
         await tx.transfer(
-            Transfer(new_id("tr"), j.holding(u.asset), j.wallet(u.buyer_id, u.asset), rest,
-                     "release", f"release:{ref}", usage_id=u.id, hold_id=o.hold_id),
+            Transfer(
+                new_id("tr"),
+                j.holding(u.asset),
+                j.wallet(u.buyer_id, u.asset),
+                rest,
+                "release",
+                f"release:{ref}",
+                usage_id=u.id,
+                hold_id=o.hold_id,
+            ),
             now=now,
         )
 
@@ -226,17 +297,26 @@ async def expire_holds(tx: Tx, now: int, limit: int = 500) -> int:
     rows = await tx.fetch(
         "SELECT id, account_id, asset, amount, usage_id FROM holds"
         " WHERE status = 'pending' AND expires_at < $1 ORDER BY expires_at LIMIT $2",
-        now, limit,
+        now,
+        limit,
     )
     count = 0
     for r in rows:
         if not await _resolve_hold(tx, r["id"], "expired", now):
             continue
         # wallet:{owner}:{asset}; owners may themselves contain ':'
-        owner = r["account_id"][len("wallet:"): -len(r["asset"]) - 1]
+        owner = r["account_id"][len("wallet:") : -len(r["asset"]) - 1]
         await tx.transfer(
-            Transfer(new_id("tr"), j.holding(r["asset"]), j.wallet(owner, r["asset"]), r["amount"],
-                     "expire", f"void:{r['id']}", usage_id=r["usage_id"], hold_id=r["id"]),
+            Transfer(
+                new_id("tr"),
+                j.holding(r["asset"]),
+                j.wallet(owner, r["asset"]),
+                r["amount"],
+                "expire",
+                f"void:{r['id']}",
+                usage_id=r["usage_id"],
+                hold_id=r["id"],
+            ),
             now=now,
         )
         count += 1
@@ -250,13 +330,17 @@ IN_FLIGHT = "in_flight"
 DONE = "done"
 
 
-async def claim_idempotency(tx: Tx, buyer_id: str, key: str, window_ms: int) -> tuple[str, str | None]:
+async def claim_idempotency(
+    tx: Tx, buyer_id: str, key: str, window_ms: int
+) -> tuple[str, str | None]:
     """Claim (buyer, key) for a new call, or say why not: in flight, or done (with its usage id)."""
     now = now_ms()
     inserted = await tx.execute(
         "INSERT INTO idempotency_keys (buyer_id, idem_key, state, created_at) VALUES ($1, $2, 'in_flight', $3)"
         " ON CONFLICT (buyer_id, idem_key) DO NOTHING",
-        buyer_id, key, now,
+        buyer_id,
+        key,
+        now,
     )
     if inserted:
         return CLAIMED, None
@@ -264,13 +348,17 @@ async def claim_idempotency(tx: Tx, buyer_id: str, key: str, window_ms: int) -> 
     renewed = await tx.execute(
         "UPDATE idempotency_keys SET state = 'in_flight', usage_id = NULL, created_at = $3"
         " WHERE buyer_id = $1 AND idem_key = $2 AND created_at < $4",
-        buyer_id, key, now, now - window_ms,
+        buyer_id,
+        key,
+        now,
+        now - window_ms,
     )
     if renewed:
         return CLAIMED, None
     row = await tx.fetchrow(
         "SELECT state, usage_id FROM idempotency_keys WHERE buyer_id = $1 AND idem_key = $2",
-        buyer_id, key,
+        buyer_id,
+        key,
     )
     if row is None:  # released between our statements; treat as in flight, the client retries
         return IN_FLIGHT, None
@@ -278,7 +366,9 @@ async def claim_idempotency(tx: Tx, buyer_id: str, key: str, window_ms: int) -> 
 
 
 async def release_idempotency(tx: Tx, buyer_id: str, key: str) -> None:
-    await tx.execute("DELETE FROM idempotency_keys WHERE buyer_id = $1 AND idem_key = $2", buyer_id, key)
+    await tx.execute(
+        "DELETE FROM idempotency_keys WHERE buyer_id = $1 AND idem_key = $2", buyer_id, key
+    )
 
 
 # --------------------------------------------------------------------------- credits
@@ -297,16 +387,27 @@ class Credit:
 async def credit(tx: Tx, c: Credit) -> dict[str, Any]:
     """Credit a wallet from ``world``; the same idempotency key credits once, ever."""
     existing = await tx.fetchrow(
-        "SELECT id, amount, credit_account FROM transfers WHERE idempotency_key = $1", c.idempotency_key
+        "SELECT id, amount, credit_account FROM transfers WHERE idempotency_key = $1",
+        c.idempotency_key,
     )
     if existing is not None:
-        if existing["credit_account"] != j.wallet(c.owner_id, c.asset).id or existing["amount"] != c.amount:
+        if (
+            existing["credit_account"] != j.wallet(c.owner_id, c.asset).id
+            or existing["amount"] != c.amount
+        ):
             raise DuplicateError("idempotency key already used for another credit")
         return {"transfer_id": existing["id"], "replayed": True}
     tid = new_id("tr")
     await tx.transfer(
-        Transfer(tid, j.world(c.asset), j.wallet(c.owner_id, c.asset), c.amount, c.kind,
-                 c.idempotency_key, payment_id=c.payment_id)
+        Transfer(
+            tid,
+            j.world(c.asset),
+            j.wallet(c.owner_id, c.asset),
+            c.amount,
+            c.kind,
+            c.idempotency_key,
+            payment_id=c.payment_id,
+        )
     )
     return {"transfer_id": tid, "replayed": False}
 

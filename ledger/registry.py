@@ -43,18 +43,33 @@ class Service:
 
 def _key(r: Row) -> KeyRecord:
     return KeyRecord(
-        r["key_id"], r["owner_id"], r["role"], int(r["rate_limit"]), r["wallet_address"],
-        r["secret_hash"], r["status"], int(r["created_at"]),
+        r["key_id"],
+        r["owner_id"],
+        r["role"],
+        int(r["rate_limit"]),
+        r["wallet_address"],
+        r["secret_hash"],
+        r["status"],
+        int(r["created_at"]),
     )
 
 
 def _service(r: Row) -> Service:
     return Service(
-        id=r["id"], provider_id=r["provider_id"], name=r["name"], description=r["description"],
-        endpoint=r["endpoint"], price_units=int(r["price_units"]), asset=r["asset"],
-        payment_method=r["payment_method"], free_tier_calls=int(r["free_tier_calls"]),
-        allow_anonymous=bool(r["allow_anonymous"]), category=r["category"],
-        tags=json.loads(r["tags"]), status=r["status"], created_at=int(r["created_at"]),
+        id=r["id"],
+        provider_id=r["provider_id"],
+        name=r["name"],
+        description=r["description"],
+        endpoint=r["endpoint"],
+        price_units=int(r["price_units"]),
+        asset=r["asset"],
+        payment_method=r["payment_method"],
+        free_tier_calls=int(r["free_tier_calls"]),
+        allow_anonymous=bool(r["allow_anonymous"]),
+        category=r["category"],
+        tags=json.loads(r["tags"]),
+        status=r["status"],
+        created_at=int(r["created_at"]),
         updated_at=int(r["updated_at"]),
     )
 
@@ -69,14 +84,21 @@ class Registry:
             await tx.execute(
                 "INSERT INTO api_keys (key_id, owner_id, role, rate_limit, wallet_address, secret_hash,"
                 " status, created_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8)",
-                rec.key_id, rec.owner_id, rec.role, rec.rate_limit, rec.wallet_address,
-                rec.secret_hash, rec.status, rec.created_at,
+                rec.key_id,
+                rec.owner_id,
+                rec.role,
+                rec.rate_limit,
+                rec.wallet_address,
+                rec.secret_hash,
+                rec.status,
+                rec.created_at,
             )
             if rec.role == "provider":
                 await tx.execute(
                     "INSERT INTO providers (provider_id, registered_at) VALUES ($1, $2)"
                     " ON CONFLICT (provider_id) DO NOTHING",
-                    rec.owner_id, rec.created_at,
+                    rec.owner_id,
+                    rec.created_at,
                 )
 
     async def get_key(self, key_id: str) -> KeyRecord | None:
@@ -92,7 +114,8 @@ class Registry:
     async def revoke_key(self, key_id: str, owner_id: str) -> bool:
         n = await self.store.execute(
             "UPDATE api_keys SET status = 'revoked' WHERE key_id = $1 AND owner_id = $2 AND status = 'active'",
-            key_id, owner_id,
+            key_id,
+            owner_id,
         )
         return n == 1
 
@@ -102,9 +125,21 @@ class Registry:
             "INSERT INTO services (id, provider_id, name, description, endpoint, price_units, asset,"
             " payment_method, free_tier_calls, allow_anonymous, category, tags, status, created_at,"
             " updated_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15)",
-            s.id, s.provider_id, s.name, s.description, s.endpoint, s.price_units, s.asset,
-            s.payment_method, s.free_tier_calls, 1 if s.allow_anonymous else 0, s.category,
-            json.dumps(s.tags), s.status, s.created_at, s.updated_at,
+            s.id,
+            s.provider_id,
+            s.name,
+            s.description,
+            s.endpoint,
+            s.price_units,
+            s.asset,
+            s.payment_method,
+            s.free_tier_calls,
+            1 if s.allow_anonymous else 0,
+            s.category,
+            json.dumps(s.tags),
+            s.status,
+            s.created_at,
+            s.updated_at,
         )
 
     async def get_service(self, service_id: str) -> Service | None:
@@ -113,8 +148,16 @@ class Registry:
 
     async def update_service(self, service_id: str, changes: dict[str, Any]) -> Service | None:
         cols = {
-            "name", "description", "endpoint", "price_units", "payment_method", "free_tier_calls",
-            "allow_anonymous", "category", "tags", "status",
+            "name",
+            "description",
+            "endpoint",
+            "price_units",
+            "payment_method",
+            "free_tier_calls",
+            "allow_anonymous",
+            "category",
+            "tags",
+            "status",
         }
         sets, args = [], []
         for k, v in changes.items():

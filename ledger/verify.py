@@ -31,7 +31,9 @@ async def verify(store: Store, *, now: int | None = None, limit: int = 50) -> Re
     rep = Report()
     now = now or now_ms()
 
-    sums = await store.fetch("SELECT asset, SUM(balance) AS total, COUNT(*) AS n FROM accounts GROUP BY asset")
+    sums = await store.fetch(
+        "SELECT asset, SUM(balance) AS total, COUNT(*) AS n FROM accounts GROUP BY asset"
+    )
     for r in sums:
         if int(r["total"] or 0) != 0:
             rep.violations.append(f"asset {r['asset']}: balances sum to {int(r['total'])}, not 0")
@@ -51,7 +53,9 @@ async def verify(store: Store, *, now: int | None = None, limit: int = 50) -> Re
         limit,
     )
     for r in drift:
-        rep.violations.append(f"account {r['id']}: balance {r['balance']} but journal says {int(r['journal'])}")
+        rep.violations.append(
+            f"account {r['id']}: balance {r['balance']} but journal says {int(r['journal'])}"
+        )
     orphans = await store.fetch(
         """
         SELECT x.id FROM (SELECT debit_account AS id FROM transfers UNION SELECT credit_account FROM transfers) x
@@ -82,14 +86,20 @@ async def verify(store: Store, *, now: int | None = None, limit: int = 50) -> Re
         limit,
     )
     for r in unposted:
-        rep.violations.append(f"usage {r['id']} charged {r['amount']} but its transfers post {int(r['posted'])}")
+        rep.violations.append(
+            f"usage {r['id']} charged {r['amount']} but its transfers post {int(r['posted'])}"
+        )
     rep.checked["usage_records"] = int(await store.fetchval("SELECT COUNT(*) FROM usage_records"))
 
     stale = await store.fetch(
-        "SELECT id, expires_at FROM holds WHERE status = 'pending' AND expires_at < $1 LIMIT $2", now, limit
+        "SELECT id, expires_at FROM holds WHERE status = 'pending' AND expires_at < $1 LIMIT $2",
+        now,
+        limit,
     )
     for r in stale:
-        rep.violations.append(f"hold {r['id']} still pending {now - int(r['expires_at'])} ms past its expiry")
+        rep.violations.append(
+            f"hold {r['id']} still pending {now - int(r['expires_at'])} ms past its expiry"
+        )
 
     held = await store.fetch(
         """

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from ledger.db import Op, Store
 
@@ -22,7 +23,9 @@ class BatchObserver(Protocol):
 
 
 class GroupCommitWriter:
-    def __init__(self, store: Store, *, max_batch: int = 512, observer: BatchObserver | None = None):
+    def __init__(
+        self, store: Store, *, max_batch: int = 512, observer: BatchObserver | None = None
+    ):
         self.store = store
         self.max_batch = max_batch
         self.observer = observer
@@ -83,12 +86,12 @@ class GroupCommitWriter:
             except BaseException as exc:  # store down: every caller in the batch learns it
                 results = [exc] * len(batch)
                 if isinstance(exc, asyncio.CancelledError):
-                    for (_, fut), _r in zip(batch, results):
+                    for _, fut in batch:
                         if not fut.done():
                             fut.set_exception(RuntimeError("ledger writer cancelled"))
                     raise
             elapsed = time.perf_counter() - started
-            for (_, fut), res in zip(batch, results):
+            for (_, fut), res in zip(batch, results, strict=True):
                 if not fut.done():
                     fut.set_result(res)
             if self.observer is not None:

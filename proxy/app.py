@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aiohttp_cors
 from aiohttp import web
@@ -95,7 +96,11 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
         for f in features:
             if hasattr(f, "on_startup"):
                 await f.on_startup(app, rt)
-        rt.background.append(asyncio.get_running_loop().create_task(sweep_expired_holds(rt, settings.hold_sweep_interval_seconds)))
+        rt.background.append(
+            asyncio.get_running_loop().create_task(
+                sweep_expired_holds(rt, settings.hold_sweep_interval_seconds)
+            )
+        )
 
     async def cleanup(app: web.Application) -> None:
         if RT in app:

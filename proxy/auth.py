@@ -27,10 +27,21 @@ def hash_secret(key_id: str, secret: str) -> str:
     return "sha256$" + hashlib.sha256(f"{key_id}:{secret}".encode()).hexdigest()
 
 
-def mint_key(owner_id: str, role: str, rate_limit: int, wallet_address: str | None) -> tuple[KeyRecord, str]:
+def mint_key(
+    owner_id: str, role: str, rate_limit: int, wallet_address: str | None
+) -> tuple[KeyRecord, str]:
     key_id = "acf_" + secrets.token_hex(8)
     secret = "sec_" + secrets.token_urlsafe(30)
-    rec = KeyRecord(key_id, owner_id, role, rate_limit, wallet_address, hash_secret(key_id, secret), "active", now_ms())
+    rec = KeyRecord(
+        key_id,
+        owner_id,
+        role,
+        rate_limit,
+        wallet_address,
+        hash_secret(key_id, secret),
+        "active",
+        now_ms(),
+    )
     return rec, secret
 
 
@@ -54,7 +65,9 @@ class KeyCache:
     """key_id -> record, refreshed after ``ttl`` seconds so revocations on other
     instances take effect within that time (the same instance drops at once)."""
 
-    def __init__(self, registry: Registry, ttl: float, admin_key: str | None, max_negative: int = 10000):
+    def __init__(
+        self, registry: Registry, ttl: float, admin_key: str | None, max_negative: int = 10000
+    ):
         self.registry = registry
         self.ttl = ttl
         self._entries: dict[str, tuple[KeyRecord, float]] = {}
@@ -63,7 +76,9 @@ class KeyCache:
         self._bootstrap: KeyRecord | None = None
         if admin_key:
             kid, secret = admin_key.split(":", 1)
-            self._bootstrap = KeyRecord(kid, "admin", "admin", 1_000_000, None, hash_secret(kid, secret), "active", 0)
+            self._bootstrap = KeyRecord(
+                kid, "admin", "admin", 1_000_000, None, hash_secret(kid, secret), "active", 0
+            )
 
     def forget(self, key_id: str) -> None:
         self._entries.pop(key_id, None)
@@ -89,7 +104,9 @@ class KeyCache:
         self._entries[key_id] = (rec, now)
         return rec
 
-    async def authenticate(self, request: web.Request, *, required: bool = True) -> KeyRecord | None:
+    async def authenticate(
+        self, request: web.Request, *, required: bool = True
+    ) -> KeyRecord | None:
         creds = parse_credentials(request)
         if creds is None:
             if required:

@@ -11,7 +11,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from config import Settings, SettingsError, load
 
@@ -51,7 +52,11 @@ async def _serve_one(settings: Settings, *, reuse_port: bool) -> None:
     await site.start()
     logging.getLogger("tollway").info(
         "tollway %s listening on http://%s:%d (storage %s, redis %s)",
-        os.getpid(), settings.host, settings.port, settings.storage_kind, settings.redis_url or "absent",
+        os.getpid(),
+        settings.host,
+        settings.port,
+        settings.storage_kind,
+        settings.redis_url or "absent",
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -63,7 +68,9 @@ async def _serve_one(settings: Settings, *, reuse_port: bool) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if args.worker_child or settings.workers == 1:
         _run(_serve_one(settings, reuse_port=args.worker_child))
         return 0
@@ -80,7 +87,9 @@ def _supervise(settings: Settings, args: argparse.Namespace) -> int:
         v = getattr(args, flag, None)
         if v is not None:
             argv += [f"--{flag.replace('_', '-')}", str(v)]
-    children: list[subprocess.Popen[bytes]] = [subprocess.Popen(argv) for _ in range(settings.workers)]
+    children: list[subprocess.Popen[bytes]] = [
+        subprocess.Popen(argv) for _ in range(settings.workers)
+    ]
     stopping = False
 
     def _stop(signum: int, _frame: Any) -> None:
@@ -102,7 +111,9 @@ def _supervise(settings: Settings, args: argparse.Namespace) -> int:
             return 0
         for i, c in enumerate(children):
             if c.poll() is not None and not stopping:
-                logging.getLogger("tollway").warning("worker %d exited with %s; restarting", c.pid, c.returncode)
+                logging.getLogger("tollway").warning(
+                    "worker %d exited with %s; restarting", c.pid, c.returncode
+                )
                 time.sleep(0.5)
                 children[i] = subprocess.Popen(argv)
         time.sleep(0.2)
@@ -198,13 +209,17 @@ async def _settle(settings: Settings, period: str, provider: str | None, asset: 
     try:
         await store.migrate()
         policy = st.FeePolicy.from_settings(settings)
-        providers = [provider] if provider else await st.providers_with_unsettled(store, asset, start, end)
+        providers = (
+            [provider] if provider else await st.providers_with_unsettled(store, asset, start, end)
+        )
         if not providers:
             print(f"nothing to settle for {period}")
             return 0
         d = settings.asset_decimals
         for pid in providers:
-            res = await st.create_settlement(store, policy, pid, asset, start, end, progress=_Bar(f"settling {pid}"))
+            res = await st.create_settlement(
+                store, policy, pid, asset, start, end, progress=_Bar(f"settling {pid}")
+            )
             if res.settlement is None:
                 print(f"{pid}: nothing to settle for {period}")
                 continue
@@ -240,7 +255,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="tollway", description="Tollway, a payment-metering reverse proxy")
+    ap = argparse.ArgumentParser(
+        prog="tollway", description="Tollway, a payment-metering reverse proxy"
+    )
     sub = ap.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the proxy")
@@ -266,13 +283,18 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("settle", help="settle providers' unsettled charges of a month")
     _common(st)
     st.add_argument("--period", required=True, help="the month, YYYY-MM (UTC)")
-    st.add_argument("--provider", help="one provider (default: every provider with unsettled charges)")
+    st.add_argument(
+        "--provider", help="one provider (default: every provider with unsettled charges)"
+    )
     st.add_argument("--asset", help="asset to settle (default: the default asset)")
 
     r = sub.add_parser("receipt", help="receipt tools")
     rsub = r.add_subparsers(dest="receipt_command", required=True)
-    rsub.add_parser("verify", help="verify a receipt offline: tollway receipt verify RECEIPT --keys FILE|URL",
-                    add_help=False)
+    rsub.add_parser(
+        "verify",
+        help="verify a receipt offline: tollway receipt verify RECEIPT --keys FILE|URL",
+        add_help=False,
+    )
     return ap
 
 

@@ -22,8 +22,13 @@ from config import load
 
 async def _demo_upstream() -> tuple[web.AppRunner, int]:
     async def hello(request: web.Request) -> web.Response:
-        return web.json_response({"message": "hello from the demo upstream", "path": request.path,
-                                  "query": request.query_string})
+        return web.json_response(
+            {
+                "message": "hello from the demo upstream",
+                "path": request.path,
+                "query": request.query_string,
+            }
+        )
 
     async def stream(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -51,7 +56,9 @@ async def run_demo(args: argparse.Namespace) -> int:
     settings = load(
         getattr(args, "config", None),
         overrides={
-            "port": args.port, "admin_key": admin, "allow_private_upstreams": True,
+            "port": args.port,
+            "admin_key": admin,
+            "allow_private_upstreams": True,
             "database_url": getattr(args, "database_url", None) or "sqlite:///./data/demo.db",
             "receipts_dir": "./data/demo-receipts",
         },
@@ -65,7 +72,10 @@ async def run_demo(args: argparse.Namespace) -> int:
     base = f"http://{settings.host}:{settings.port}"
     try:
         async with aiohttp.ClientSession() as s:
-            async def call(method: str, path: str, auth: str | None = None, **kw: Any) -> dict[str, Any]:
+
+            async def call(
+                method: str, path: str, auth: str | None = None, **kw: Any
+            ) -> dict[str, Any]:
                 headers = kw.pop("headers", {})
                 if auth:
                     headers["Authorization"] = f"Bearer {auth}"
@@ -75,31 +85,66 @@ async def run_demo(args: argparse.Namespace) -> int:
                         raise RuntimeError(f"{method} {path}: {r.status} {data}")
                     return data
 
-            prov = await call("POST", "/api/v1/keys", admin, json={"owner_id": f"demo-provider-{secrets.token_hex(3)}", "role": "provider"})
+            prov = await call(
+                "POST",
+                "/api/v1/keys",
+                admin,
+                json={"owner_id": f"demo-provider-{secrets.token_hex(3)}", "role": "provider"},
+            )
             pkey = f"{prov['key_id']}:{prov['secret']}"
-            svc = await call("POST", "/api/v1/services", pkey, json={
-                "name": "Demo echo", "endpoint": f"http://127.0.0.1:{up_port}", "price_per_call": "0.01",
-                "free_tier_calls": 2, "category": "demo",
-            })
+            svc = await call(
+                "POST",
+                "/api/v1/services",
+                pkey,
+                json={
+                    "name": "Demo echo",
+                    "endpoint": f"http://127.0.0.1:{up_port}",
+                    "price_per_call": "0.01",
+                    "free_tier_calls": 2,
+                    "category": "demo",
+                },
+            )
             buyer_id = f"demo-buyer-{secrets.token_hex(3)}"
             buyer = await call("POST", "/api/v1/keys", json={"owner_id": buyer_id})
             bkey = f"{buyer['key_id']}:{buyer['secret']}"
-            await call("POST", "/api/v1/admin/credit", admin, headers={"Idempotency-Key": f"demo-{buyer_id}"},
-                       json={"owner_id": buyer_id, "amount": "1.00"})
+            await call(
+                "POST",
+                "/api/v1/admin/credit",
+                admin,
+                headers={"Idempotency-Key": f"demo-{buyer_id}"},
+                json={"owner_id": buyer_id, "amount": "1.00"},
+            )
             url = f"{base}/api/v1/proxy/{svc['id']}/hello?name=agent"
             print("Tollway demo is running (SQLite under ./data, in-process limiter).")
-            print(f"  service {svc['id']}: 0.01 USDC per call, 2 free calls; buyer {buyer_id} holds 1.00 USDC")
+            print(
+                f"  service {svc['id']}: 0.01 USDC per call, 2 free calls; buyer {buyer_id} holds 1.00 USDC"
+            )
             print("Try a metered call (the first two are free, then 0.01 each):")
             print(f"  curl -i -H 'Authorization: Bearer {bkey}' '{url}'")
             if args.once:
                 async with s.get(url, headers={"Authorization": f"Bearer {bkey}"}) as r:
                     body = await r.text()
                     print(f"\nHTTP {r.status}")
-                    for h in ("X-ACF-Usage-Id", "X-ACF-Amount", "X-ACF-Free-Tier", "X-ACF-Latency-Ms", "X-Request-Id"):
+                    for h in (
+                        "X-ACF-Usage-Id",
+                        "X-ACF-Amount",
+                        "X-ACF-Free-Tier",
+                        "X-ACF-Latency-Ms",
+                        "X-Request-Id",
+                    ):
                         print(f"{h}: {r.headers.get(h)}")
                     print(body)
-                    print(json.dumps({"status": r.status, "headers": {k: v for k, v in r.headers.items()
-                                                                      if k.startswith("X-")}, "body": body}))
+                    print(
+                        json.dumps(
+                            {
+                                "status": r.status,
+                                "headers": {
+                                    k: v for k, v in r.headers.items() if k.startswith("X-")
+                                },
+                                "body": body,
+                            }
+                        )
+                    )
                 return 0
             print("Ctrl-C stops it.")
             stop = asyncio.Event()

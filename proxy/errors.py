@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -16,15 +17,32 @@ log = logging.getLogger("tollway")
 REQUEST_ID = "X-Request-Id"
 
 _REASONS = {
-    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-    405: "method_not_allowed", 409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type",
-    422: "unprocessable", 429: "rate_limited", 500: "internal_error", 502: "bad_gateway",
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "unprocessable",
+    429: "rate_limited",
+    500: "internal_error",
+    502: "bad_gateway",
     504: "gateway_timeout",
 }
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, *, headers: dict[str, str] | None = None, **extra: Any):
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ):
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
         self.headers = headers or {}
@@ -37,7 +55,10 @@ def error_response(
     err: dict[str, Any] = {"code": code, "message": message}
     err.update({k: v for k, v in extra.items() if v is not None})
     return web.Response(
-        status=status, text=json.dumps({"error": err}), content_type="application/json", headers=headers
+        status=status,
+        text=json.dumps({"error": err}),
+        content_type="application/json",
+        headers=headers,
     )
 
 
@@ -74,7 +95,12 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
             raise
         code = _REASONS.get(e.status, "error")
         msg = e.text if e.text and not e.text.startswith(f"{e.status}:") else (e.reason or code)
-        resp = error_response(e.status, code, msg, headers={k: v for k, v in e.headers.items() if k.lower() in ("allow", "retry-after")})
+        resp = error_response(
+            e.status,
+            code,
+            msg,
+            headers={k: v for k, v in e.headers.items() if k.lower() in ("allow", "retry-after")},
+        )
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         resp = error_response(500, "internal_error", "internal error", request_id=rid)

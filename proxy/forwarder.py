@@ -17,7 +17,8 @@ import asyncio
 import hashlib
 import logging
 import time
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 from urllib.parse import unquote
 
 import aiohttp
@@ -39,13 +40,34 @@ from proxy.runtime import RT, Runtime
 log = logging.getLogger("tollway.proxy")
 
 HOP_BY_HOP = frozenset(
-    ("connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-     "trailers", "transfer-encoding", "upgrade", "proxy-connection")
+    (
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-connection",
+    )
 )
 # Never forwarded upstream: the buyer's credentials and payment material are for us only.
 PRIVATE_REQUEST = HOP_BY_HOP | frozenset(
-    ("host", "authorization", "api-key", "x-payment", "payment-signature", "x-invoice-id",
-     "x-wallet-address", "x-forwarded-for", "x-forwarded-proto", "x-request-id", "content-length")
+    (
+        "host",
+        "authorization",
+        "api-key",
+        "x-payment",
+        "payment-signature",
+        "x-invoice-id",
+        "x-wallet-address",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-request-id",
+        "content-length",
+    )
 )
 
 
@@ -75,9 +97,9 @@ def tail_of(raw_path: str) -> str:
     q = raw_path.find("?")
     path = raw_path if q < 0 else raw_path[:q]
     i = path.find("/proxy/")
-    rest = path[i + 7:]
+    rest = path[i + 7 :]
     slash = rest.find("/")
-    return "" if slash < 0 else rest[slash + 1:]
+    return "" if slash < 0 else rest[slash + 1 :]
 
 
 def escapes(tail: str) -> bool:
@@ -151,7 +173,9 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     if escapes(tail):
         raise ApiError(400, "invalid_path", "the path may not leave the service's base path")
     if request.content_length is not None and request.content_length > rt.settings.max_body_bytes:
-        raise ApiError(413, "payload_too_large", f"request body over {rt.settings.max_body_bytes} bytes")
+        raise ApiError(
+            413, "payload_too_large", f"request body over {rt.settings.max_body_bytes} bytes"
+        )
     target = rt.services.target(svc)
     if target.forbidden:
         raise ApiError(502, "upstream_forbidden", target.forbidden)
@@ -187,8 +211,11 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     t_up = time.perf_counter()
     try:
         up = await rt.session.request(
-            request.method, URL(url, encoded=True), headers=upstream_headers(request, ip, rid),
-            data=body, allow_redirects=False,
+            request.method,
+            URL(url, encoded=True),
+            headers=upstream_headers(request, ip, rid),
+            data=body,
+            allow_redirects=False,
         )
     except BaseException as exc:
         status, code, msg = _upstream_failure(exc, body if isinstance(body, _Body) else None)
@@ -212,7 +239,9 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     # The charge commits before the first byte goes out: once a client sees
     # the headers, its balance and usage already say so.
     try:
-        await _settle(rt, request, ticket, paid, up.status, t_up, body, known_len or 0, rid, latency=latency)
+        await _settle(
+            rt, request, ticket, paid, up.status, t_up, body, known_len or 0, rid, latency=latency
+        )
     except BillingError:
         up.release()  # x402 settlement failed: the response is not delivered unpaid
         raise
@@ -234,8 +263,16 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         h["X-ACF-Receipt"] = _receipt(rt, request, ticket, charged)
     if paid is not None and paid.response_headers:
         h.update(paid.response_headers)
-    rt.counters.inc(svc.id, "charged" if charged else ("free" if ticket.free_tier and served else (
-        "upstream_error" if not served else "no_charge")))
+    rt.counters.inc(
+        svc.id,
+        "charged"
+        if charged
+        else (
+            "free"
+            if ticket.free_tier and served
+            else ("upstream_error" if not served else "no_charge")
+        ),
+    )
     metrics.UPSTREAM_LATENCY.observe(latency)
     metrics.OVERHEAD.observe(t_up - t0)
 
@@ -257,7 +294,9 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     finally:
         up.release()
     counted = body.count if isinstance(body, _Body) else (len(body) if body else 0)
-    if known_len is None or (isinstance(body, _Body) and counted != (request.content_length or counted)):
+    if known_len is None or (
+        isinstance(body, _Body) and counted != (request.content_length or counted)
+    ):
         rt.amend_usage(ticket.usage_id, counted, sent)
     await resp.write_eof()
     return resp
@@ -279,14 +318,26 @@ def _upstream_failure(exc: BaseException, body: _Body | None) -> tuple[int, str,
 
 
 async def _settle(
-    rt: Runtime, request: web.Request, ticket: Ticket, paid: Any, status: int | None, t_up: float,
-    body: Any, bytes_out: int, rid: str, *, latency: float | None = None,
+    rt: Runtime,
+    request: web.Request,
+    ticket: Ticket,
+    paid: Any,
+    status: int | None,
+    t_up: float,
+    body: Any,
+    bytes_out: int,
+    rid: str,
+    *,
+    latency: float | None = None,
 ) -> None:
     outcome = rt.meter.outcome(
-        ticket, upstream_status=status,
+        ticket,
+        upstream_status=status,
         latency_ms=None if latency is None else round(latency * 1000, 3),
-        bytes_in=request.content_length or (body.count if isinstance(body, _Body) else len(body or b"")),
-        bytes_out=bytes_out, request_id=rid,
+        bytes_in=request.content_length
+        or (body.count if isinstance(body, _Body) else len(body or b"")),
+        bytes_out=bytes_out,
+        request_id=rid,
     )
     try:
         if paid is not None:
@@ -310,7 +361,12 @@ def _receipt(rt: Runtime, request: web.Request, t: Ticket, amount: int) -> str:
 
     body_hash = None  # the body streams through unread; the receipt binds method, path and query
     return rt.receipts.sign(  # type: ignore[union-attr]
-        t.usage_id, t.service.id, t.buyer_id, amount, t.service.asset, int(time.time()),
+        t.usage_id,
+        t.service.id,
+        t.buyer_id,
+        amount,
+        t.service.asset,
+        int(time.time()),
         request_hash(request.method, request.raw_path, body_hash),
     )
 

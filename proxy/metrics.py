@@ -23,31 +23,48 @@ MULTIPROC = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 _LAT = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
-REQUESTS = Counter("tollway_requests_total", "Proxied requests by service and outcome", ["service", "outcome"])
+REQUESTS = Counter(
+    "tollway_requests_total", "Proxied requests by service and outcome", ["service", "outcome"]
+)
 UPSTREAM_LATENCY = Histogram(
-    "tollway_upstream_latency_seconds", "Time from forwarding to the upstream's response headers", buckets=_LAT
+    "tollway_upstream_latency_seconds",
+    "Time from forwarding to the upstream's response headers",
+    buckets=_LAT,
 )
 OVERHEAD = Histogram(
     "tollway_proxy_overhead_seconds",
     "Time the proxy itself adds: auth, limits, billing, ledger, before and after the upstream",
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5),
 )
-CHARGED = Counter("tollway_charged_units_total", "Amount charged, in the asset's smallest unit", ["asset"])
+CHARGED = Counter(
+    "tollway_charged_units_total", "Amount charged, in the asset's smallest unit", ["asset"]
+)
 RATE_LIMITED = Counter("tollway_rate_limited_total", "Requests refused with 429", ["limit"])
 RATELIMIT_FALLBACK = Counter(
     "tollway_ratelimit_fallback_total", "Rate-limit checks decided without Redis (Redis down)"
 )
 LEDGER_BATCH = Histogram(
-    "tollway_ledger_batch_size", "Operations per group-commit transaction",
+    "tollway_ledger_batch_size",
+    "Operations per group-commit transaction",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
 )
-LEDGER_COMMIT = Histogram("tollway_ledger_commit_seconds", "Group-commit transaction latency", buckets=_LAT)
-LEDGER_QUEUE = Gauge(
-    "tollway_ledger_queue_depth", "Operations waiting for the next commit", multiprocess_mode="livesum"
+LEDGER_COMMIT = Histogram(
+    "tollway_ledger_commit_seconds", "Group-commit transaction latency", buckets=_LAT
 )
-HOLDS_EXPIRED = Counter("tollway_holds_expired_total", "Holds voided because they passed their expiry")
-PAYMENTS = Counter("tollway_payments_total", "Payments carried on requests, by rail and result", ["rail", "result"])
-WEBHOOKS = Counter("tollway_webhook_deliveries_total", "Webhook delivery attempts by result", ["result"])
+LEDGER_QUEUE = Gauge(
+    "tollway_ledger_queue_depth",
+    "Operations waiting for the next commit",
+    multiprocess_mode="livesum",
+)
+HOLDS_EXPIRED = Counter(
+    "tollway_holds_expired_total", "Holds voided because they passed their expiry"
+)
+PAYMENTS = Counter(
+    "tollway_payments_total", "Payments carried on requests, by rail and result", ["rail", "result"]
+)
+WEBHOOKS = Counter(
+    "tollway_webhook_deliveries_total", "Webhook delivery attempts by result", ["result"]
+)
 
 
 def observe_batch(size: int, seconds: float, depth: int) -> None:

@@ -58,7 +58,9 @@ class Paywall:
     def _resource_url(self, request: web.Request) -> str:
         return f"{request.scheme}://{request.host}{request.path}"
 
-    async def accept(self, request: web.Request, svc: Service, key: KeyRecord | None, usage_id: str) -> PaidCall | None:
+    async def accept(
+        self, request: web.Request, svc: Service, key: KeyRecord | None, usage_id: str
+    ) -> PaidCall | None:
         h = request.headers
         x402_value = h.get("PAYMENT-SIGNATURE") or h.get("X-PAYMENT")
         invoice_id = h.get("X-Invoice-Id")
@@ -66,22 +68,38 @@ class Paywall:
             limit = self.rt.settings.max_body_bytes
             if h.get("X-Payment"):
                 body = await _read_body(request, limit)
-                paid = await self.invoices.pay(invoice_id, h["X-Payment"], self._binding(request, body), svc, usage_id)
+                paid = await self.invoices.pay(
+                    invoice_id, h["X-Payment"], self._binding(request, body), svc, usage_id
+                )
             else:
                 body = None
-                paid = await self.invoices.draw(invoice_id, h.get("X-Wallet-Address"), svc, usage_id)
+                paid = await self.invoices.draw(
+                    invoice_id, h.get("X-Wallet-Address"), svc, usage_id
+                )
             if paid.reserved.mode != ops.HELD:
-                raise PaymentRequired("the prepaid batch of this invoice is used up; pay a new invoice")
+                raise PaymentRequired(
+                    "the prepaid batch of this invoice is used up; pay a new invoice"
+                )
             price = paid.service.price_units
             ticket = Ticket(
-                usage_id=usage_id, buyer_id=paid.owner_id, service=paid.service, mode=ops.HELD,
-                hold_id=paid.reserved.hold_id, amount=price,
-                fee=price * self.rt.meter.fee_bps_for(svc.provider_id) // 10_000, free_tier=False, idem_key=None,
+                usage_id=usage_id,
+                buyer_id=paid.owner_id,
+                service=paid.service,
+                mode=ops.HELD,
+                hold_id=paid.reserved.hold_id,
+                amount=price,
+                fee=price * self.rt.meter.fee_bps_for(svc.provider_id) // 10_000,
+                free_tier=False,
+                idem_key=None,
             )
             return PaidCall(ticket, body=body)
         if x402_value and self.x402 is not None:
             call = await self.x402.accept(
-                x402_value, svc, key.owner_id if key else None, usage_id, self._resource_url(request)
+                x402_value,
+                svc,
+                key.owner_id if key else None,
+                usage_id,
+                self._resource_url(request),
             )
             return PaidCall(call.ticket, x402=call)
         if key is None:
@@ -107,11 +125,23 @@ class Paywall:
 
         if rt.settings.invoice_mint_rate_limit:
             ip = client_ip(request, rt.settings.trust_forwarded_for)
-            d = await rt.limiter.check([Limit("invoice", "mint402:" + ip, rt.settings.invoice_mint_rate_limit)])
+            d = await rt.limiter.check(
+                [Limit("invoice", "mint402:" + ip, rt.settings.invoice_mint_rate_limit)]
+            )
             if not d.allowed:
-                raise ApiError(429, "rate_limited", "too many payment requests from this address", headers=d.headers())
-        body: dict[str, Any] = {"x402Version": 1, "error": "payment_required", "code": "payment_required",
-                                "message": message, "accepts": []}
+                raise ApiError(
+                    429,
+                    "rate_limited",
+                    "too many payment requests from this address",
+                    headers=d.headers(),
+                )
+        body: dict[str, Any] = {
+            "x402Version": 1,
+            "error": "payment_required",
+            "code": "payment_required",
+            "message": message,
+            "accepts": [],
+        }
         headers = {"Cache-Control": "no-store"}
         if self.x402 is not None and svc.price_units > 0:
             offer = self.x402.offer(svc, self._resource_url(request), message)
@@ -129,7 +159,8 @@ class Paywall:
                     raise ApiError(400, "invalid_batch_target", "X-Batch-Target must be 1..100000")
             try:
                 body["detail"] = await self.invoices.mint(
-                    svc, self._binding(request, raw),
+                    svc,
+                    self._binding(request, raw),
                     owner_id=key.owner_id if key else None,
                     wallet_address=request.headers.get("X-Wallet-Address"),
                     chain=request.headers.get("X-Payment-Chain"),
@@ -137,4 +168,6 @@ class Paywall:
                 )
             except BillingError as e:
                 raise ApiError(e.status, e.code, e.message) from None
-        return web.Response(status=402, text=json.dumps(body), content_type="application/json", headers=headers)
+        return web.Response(
+            status=402, text=json.dumps(body), content_type="application/json", headers=headers
+        )

@@ -19,8 +19,9 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 log = logging.getLogger("tollway.ratelimit")
 
@@ -119,7 +120,7 @@ class LocalLimiter:
             remaining = int((now + tol - new_tat) // interval)
             if best is None or remaining < best.remaining:
                 best = Decision(True, 0, remaining, math.ceil(new_tat - now), lim)
-        for lim, t in zip(limits, new):
+        for lim, t in zip(limits, new, strict=True):
             self._tat[lim.bucket] = t
         if len(self._tat) > self._max:
             self._evict(now)
@@ -131,11 +132,16 @@ class LocalLimiter:
 
 
 class RedisLimiter:
-    def __init__(self, url: str, *, down_policy: str = "local", on_fallback: Callable[[], None] | None = None):
+    def __init__(
+        self, url: str, *, down_policy: str = "local", on_fallback: Callable[[], None] | None = None
+    ):
         import redis.asyncio as aioredis
 
         self.client = aioredis.from_url(
-            url, socket_timeout=0.5, socket_connect_timeout=0.5, health_check_interval=0,
+            url,
+            socket_timeout=0.5,
+            socket_connect_timeout=0.5,
+            health_check_interval=0,
             max_connections=64,
         )
         self.down_policy = down_policy
@@ -185,19 +191,27 @@ class RedisLimiter:
                 try:
                     replies = await self._send(batch)
                 except Exception as exc:  # connection refused, timeout: Redis is down
-                    log.warning("redis rate limiter unavailable (%s); using the %s policy", exc, self.down_policy)
+                    log.warning(
+                        "redis rate limiter unavailable (%s); using the %s policy",
+                        exc,
+                        self.down_policy,
+                    )
                     self._down_until = time.monotonic() + 1.0
                     for limits, fut in batch:
                         if not fut.done():
                             fut.set_result(self._fallback(limits))
                     continue
-                for (limits, fut), r in zip(batch, replies):
+                for (limits, fut), r in zip(batch, replies, strict=True):
                     if fut.done():
                         continue
                     if isinstance(r, Exception):
                         fut.set_result(self._fallback(limits))
                     else:
-                        fut.set_result(Decision(bool(r[0]), int(r[1]), int(r[2]), int(r[3]), limits[int(r[4]) - 1]))
+                        fut.set_result(
+                            Decision(
+                                bool(r[0]), int(r[1]), int(r[2]), int(r[3]), limits[int(r[4]) - 1]
+                            )
+                        )
         finally:
             self._flushing = False
 
@@ -210,7 +224,9 @@ class RedisLimiter:
             pipe = self.client.pipeline(transaction=False)
             for limits, _ in batch:
                 keys = [f"tollway:rl:{lim.bucket}" for lim in limits]
-                pipe.evalsha(self._sha, len(keys), *keys, len(limits), *(lim.per_minute for lim in limits))
+                pipe.evalsha(
+                    self._sha, len(keys), *keys, len(limits), *(lim.per_minute for lim in limits)
+                )
             replies = await pipe.execute(raise_on_error=False)
             if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
                 self._sha = await self.client.script_load(GCRA_LUA)  # Redis restarted and lost it

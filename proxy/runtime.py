@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -66,12 +67,13 @@ class ServiceCache:
         t = self._targets.get(k)
         if t is None:
             t = self._targets[k] = Target(
-                svc.endpoint.rstrip("/") + "/", check_url(svc.endpoint, allow_private=self.allow_private)
+                svc.endpoint.rstrip("/") + "/",
+                check_url(svc.endpoint, allow_private=self.allow_private),
             )
         return t
 
 
-RT: web.AppKey["Runtime"] = web.AppKey("tollway_runtime", object)  # type: ignore[arg-type]
+RT: web.AppKey[Runtime] = web.AppKey("tollway_runtime", object)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -104,7 +106,9 @@ class Runtime:
         async def op(tx: Tx) -> None:
             await tx.execute(
                 "UPDATE usage_records SET bytes_in = $2, bytes_out = $3 WHERE id = $1",
-                usage_id, bytes_in, bytes_out,
+                usage_id,
+                bytes_in,
+                bytes_out,
             )
 
         self.writer.submit_nowait(op)
@@ -116,7 +120,9 @@ class Runtime:
         return "absent"
 
 
-def fee_schedule(settings: Settings, registered_at: Callable[[str], int | None]) -> Callable[[str], int]:
+def fee_schedule(
+    settings: Settings, registered_at: Callable[[str], int | None]
+) -> Callable[[str], int]:
     """The platform fee in basis points for a provider, by its month since registration."""
     sched = settings.fee_schedule_bps
 
@@ -138,7 +144,9 @@ async def build_runtime(settings: Settings, store: Store | None = None) -> Runti
         await store.connect()
     await store.migrate()
     registry = Registry(store)
-    writer = GroupCommitWriter(store, max_batch=settings.ledger_batch_max, observer=metrics.observe_batch)
+    writer = GroupCommitWriter(
+        store, max_batch=settings.ledger_batch_max, observer=metrics.observe_batch
+    )
     writer.start()
     providers: dict[str, int] = {
         r["provider_id"]: int(r["registered_at"])
@@ -152,19 +160,25 @@ async def build_runtime(settings: Settings, store: Store | None = None) -> Runti
     )
     if settings.redis_url:
         limiter: Any = RedisLimiter(
-            settings.redis_url, down_policy=settings.redis_down_policy,
+            settings.redis_url,
+            down_policy=settings.redis_down_policy,
             on_fallback=metrics.RATELIMIT_FALLBACK.inc,
         )
     else:
         limiter = LocalLimiter()
     connector = aiohttp.TCPConnector(
-        limit=settings.upstream_pool_size, limit_per_host=0, ttl_dns_cache=10,
-        resolver=PolicyResolver(settings.allow_private_upstreams), enable_cleanup_closed=True,
+        limit=settings.upstream_pool_size,
+        limit_per_host=0,
+        ttl_dns_cache=10,
+        resolver=PolicyResolver(settings.allow_private_upstreams),
+        enable_cleanup_closed=True,
     )
     session = aiohttp.ClientSession(
         connector=connector,
         timeout=aiohttp.ClientTimeout(
-            total=None, sock_connect=settings.upstream_connect_timeout, sock_read=settings.upstream_read_timeout
+            total=None,
+            sock_connect=settings.upstream_connect_timeout,
+            sock_read=settings.upstream_read_timeout,
         ),
         # Bytes pass through untouched: no decompression, no cookies shared
         # between buyers, no headers the buyer did not send.
@@ -173,10 +187,17 @@ async def build_runtime(settings: Settings, store: Store | None = None) -> Runti
         skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
     )
     rt = Runtime(
-        settings=settings, store=store, registry=registry, writer=writer, meter=meter,
+        settings=settings,
+        store=store,
+        registry=registry,
+        writer=writer,
+        meter=meter,
         keys=KeyCache(registry, settings.key_cache_ttl_seconds, settings.admin_key),
-        services=ServiceCache(registry, settings.service_cache_ttl_seconds, settings.allow_private_upstreams),
-        limiter=limiter, session=session,
+        services=ServiceCache(
+            registry, settings.service_cache_ttl_seconds, settings.allow_private_upstreams
+        ),
+        limiter=limiter,
+        session=session,
     )
     rt.providers = providers  # type: ignore[attr-defined]
     try:

@@ -20,7 +20,9 @@ def req_str(data: dict[str, Any], name: str, *, max_len: int = 1000) -> str:
     return v.strip()
 
 
-def opt_str(data: dict[str, Any], name: str, *, max_len: int = 1000, default: str | None = None) -> str | None:
+def opt_str(
+    data: dict[str, Any], name: str, *, max_len: int = 1000, default: str | None = None
+) -> str | None:
     v = data.get(name, default)
     if v is None:
         return None
@@ -31,7 +33,9 @@ def opt_str(data: dict[str, Any], name: str, *, max_len: int = 1000, default: st
     return v
 
 
-def opt_int(data: dict[str, Any], name: str, default: int, *, lo: int = 0, hi: int = 2**31 - 1) -> int:
+def opt_int(
+    data: dict[str, Any], name: str, default: int, *, lo: int = 0, hi: int = 2**31 - 1
+) -> int:
     v = data.get(name, default)
     if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
         raise fail(name, f"{name} must be an integer from {lo} to {hi}")

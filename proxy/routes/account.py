@@ -21,7 +21,9 @@ async def admin_credit(request: web.Request) -> web.Response:
     require_role(key, "admin")
     idem = request.headers.get("Idempotency-Key")
     if not idem or len(idem) > 255:
-        raise ApiError(400, "idempotency_key_required", "an Idempotency-Key header (1..255 chars) is required")
+        raise ApiError(
+            400, "idempotency_key_required", "an Idempotency-Key header (1..255 chars) is required"
+        )
     data = await read_json(request)
     owner = req_str(data, "owner_id", max_len=128)
     asset = data.get("asset", rt.settings.default_asset)
@@ -35,8 +37,12 @@ async def admin_credit(request: web.Request) -> web.Response:
     try:
         res = await rt.writer.submit(lambda tx: ops.credit(tx, credit))
     except DuplicateError:
-        raise ApiError(409, "idempotency_conflict", "this Idempotency-Key was used for another credit") from None
-    bal = await rt.store.fetchval("SELECT balance FROM accounts WHERE id = $1", j.wallet(owner, asset).id)
+        raise ApiError(
+            409, "idempotency_conflict", "this Idempotency-Key was used for another credit"
+        ) from None
+    bal = await rt.store.fetchval(
+        "SELECT balance FROM accounts WHERE id = $1", j.wallet(owner, asset).id
+    )
     d = rt.settings.asset_decimals
     return json_response(
         {

@@ -21,10 +21,18 @@ async def create_key(request: web.Request) -> web.Response:
     owner_id = req_str(data, "owner_id", max_len=128)
     role = data.get("role", "buyer")
     if role not in ROLES:
-        raise ApiError(422, "validation_error", f"role must be one of {', '.join(ROLES)}", field="role")
+        raise ApiError(
+            422, "validation_error", f"role must be one of {', '.join(ROLES)}", field="role"
+        )
     rate_limit = data.get("rate_limit", 60)
-    if not isinstance(rate_limit, int) or isinstance(rate_limit, bool) or not 1 <= rate_limit <= 1_000_000_000:
-        raise ApiError(422, "validation_error", "rate_limit must be an integer from 1", field="rate_limit")
+    if (
+        not isinstance(rate_limit, int)
+        or isinstance(rate_limit, bool)
+        or not 1 <= rate_limit <= 1_000_000_000
+    ):
+        raise ApiError(
+            422, "validation_error", "rate_limit must be an integer from 1", field="rate_limit"
+        )
     wallet_address = opt_str(data, "wallet_address", max_len=128)
 
     caller = await rt.keys.authenticate(request, required=False)
@@ -36,14 +44,29 @@ async def create_key(request: web.Request) -> web.Response:
         # A new key for an existing owner spends that owner's wallet: only the
         # owner (or an admin) may mint it.
         if caller is None or (caller.owner_id != owner_id and caller.role != "admin"):
-            raise ApiError(403, "forbidden", "this owner_id exists; authenticate as its owner to add a key")
-    if existing and any(k.role != role for k in existing) and (caller is None or caller.role != "admin"):
+            raise ApiError(
+                403, "forbidden", "this owner_id exists; authenticate as its owner to add a key"
+            )
+    if (
+        existing
+        and any(k.role != role for k in existing)
+        and (caller is None or caller.role != "admin")
+    ):
         raise ApiError(409, "role_conflict", "this owner_id already holds keys of another role")
     if caller is None and rt.settings.ip_rate_limit:
-        d = await rt.limiter.check([Limit("ip", "mint:" + client_ip(request, rt.settings.trust_forwarded_for),
-                                          max(1, rt.settings.ip_rate_limit // 10))])
+        d = await rt.limiter.check(
+            [
+                Limit(
+                    "ip",
+                    "mint:" + client_ip(request, rt.settings.trust_forwarded_for),
+                    max(1, rt.settings.ip_rate_limit // 10),
+                )
+            ]
+        )
         if not d.allowed:
-            raise ApiError(429, "rate_limited", "too many keys created from this address", headers=d.headers())
+            raise ApiError(
+                429, "rate_limited", "too many keys created from this address", headers=d.headers()
+            )
 
     rec, secret = mint_key(owner_id, role, rate_limit, wallet_address)
     try:
@@ -74,4 +97,6 @@ async def validate_key(request: web.Request) -> web.Response:
     ok = rec is not None and hmac.compare_digest(rec.secret_hash, hash_secret(key_id, secret))
     if not ok or rec is None or rec.status != "active":
         raise ApiError(401, "unauthorized", "invalid credentials")
-    return json_response({"valid": True, "owner_id": rec.owner_id, "role": rec.role, "rate_limit": rec.rate_limit})
+    return json_response(
+        {"valid": True, "owner_id": rec.owner_id, "role": rec.role, "rate_limit": rec.rate_limit}
+    )

@@ -61,8 +61,11 @@ async def on_startup(app: web.Application, rt: Runtime) -> None:
         from billing.rails.evm import EvmClient
 
         evm_client = EvmClient(
-            s.evm_rpc_url, expected_chain_id=s.evm_chain_id or None, gas_key=s.evm_gas_private_key,
-            hot_wallet_key=s.evm_hot_wallet_private_key, payout_token=s.evm_token_address,
+            s.evm_rpc_url,
+            expected_chain_id=s.evm_chain_id or None,
+            gas_key=s.evm_gas_private_key,
+            hot_wallet_key=s.evm_hot_wallet_private_key,
+            payout_token=s.evm_token_address,
         )
         node_chain = await evm_client.chain_id()
         tokens = [(int(c), a) for c, _, a in (t.partition(":") for t in s.x402_tokens)]
@@ -74,38 +77,73 @@ async def on_startup(app: web.Application, rt: Runtime) -> None:
             rails = []
             for domain_chain, token in tokens:
                 md = await evm_client.token_metadata(token)
-                rails.append(x402r.ExactEvmRail(
-                    chain_id=domain_chain, asset=token, pay_to=s.evm_pay_to, token_name=md.name,
-                    token_version=md.version, decimals=md.decimals,
-                ))
+                rails.append(
+                    x402r.ExactEvmRail(
+                        chain_id=domain_chain,
+                        asset=token,
+                        pay_to=s.evm_pay_to,
+                        token_name=md.name,
+                        token_version=md.version,
+                        decimals=md.decimals,
+                    )
+                )
             if s.x402_facilitator_url:
                 processor: Any = x402r.FacilitatorX402Processor(s.x402_facilitator_url, rails)
             else:
                 processor = x402r.LocalX402Processor(rails, {r.chain_id: evm_client for r in rails})
             x402 = X402Gateway(processor, rails, rt.writer, rt.meter, asset=s.default_asset)
             if s.evm_token_address:
-                evm_terms = EvmTerms(node_chain, s.evm_token_address, s.evm_pay_to, s.evm_confirmations,
-                                     decimals=s.asset_decimals, asset=s.default_asset)
+                evm_terms = EvmTerms(
+                    node_chain,
+                    s.evm_token_address,
+                    s.evm_pay_to,
+                    s.evm_confirmations,
+                    decimals=s.asset_decimals,
+                    asset=s.default_asset,
+                )
     cardano_terms = cardano_rail = None
     if s.cardano_backend_url and s.cardano_pay_to:
         from billing.rails.cardano import CardanoRail
 
-        cardano_rail = CardanoRail(s.cardano_backend_url, s.cardano_project_id or "", network=s.cardano_network)
-        splits = tuple((e.rpartition("=")[0], int(e.rpartition("=")[2])) for e in s.cardano_split_outputs)
-        cardano_terms = CardanoTerms(s.cardano_network, s.cardano_pay_to, s.cardano_asset, Fraction(s.cardano_rate),
-                                     splits, s.cardano_confirmations)
+        cardano_rail = CardanoRail(
+            s.cardano_backend_url, s.cardano_project_id or "", network=s.cardano_network
+        )
+        splits = tuple(
+            (e.rpartition("=")[0], int(e.rpartition("=")[2])) for e in s.cardano_split_outputs
+        )
+        cardano_terms = CardanoTerms(
+            s.cardano_network,
+            s.cardano_pay_to,
+            s.cardano_asset,
+            Fraction(s.cardano_rate),
+            splits,
+            s.cardano_confirmations,
+        )
     book = None
     if evm_terms is not None or cardano_terms is not None:
         book = InvoiceBook(
-            rt.store, rt.writer, partner=s.invoice_partner, ttl_ms=s.invoice_ttl_seconds * 1000,
-            hold_ttl_ms=s.hold_ttl_seconds * 1000, default_batch=s.invoice_batch_target,
-            evm=evm_terms, evm_client=evm_client, cardano=cardano_terms, cardano_rail=cardano_rail,
+            rt.store,
+            rt.writer,
+            partner=s.invoice_partner,
+            ttl_ms=s.invoice_ttl_seconds * 1000,
+            hold_ttl_ms=s.hold_ttl_seconds * 1000,
+            default_batch=s.invoice_batch_target,
+            evm=evm_terms,
+            evm_client=evm_client,
+            cardano=cardano_terms,
+            cardano_rail=cardano_rail,
         )
     rt.evm_client = evm_client  # type: ignore[attr-defined]
     if x402 is not None or book is not None:
         rt.payments = Paywall(rt, x402, book)
-        log.info("payments: x402 %s, invoices on %s", "on" if x402 else "off", book.chains if book else [])
-    app[_CLOSERS] = [c for c in (evm_client, cardano_rail, getattr(x402, "processor", None)) if c is not None]
+        log.info(
+            "payments: x402 %s, invoices on %s",
+            "on" if x402 else "off",
+            book.chains if book else [],
+        )
+    app[_CLOSERS] = [
+        c for c in (evm_client, cardano_rail, getattr(x402, "processor", None)) if c is not None
+    ]
 
 
 async def on_cleanup(app: web.Application, rt: Runtime) -> None:

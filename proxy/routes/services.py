@@ -49,7 +49,7 @@ def render(s: Service, decimals: int, *, owner_view: bool) -> dict[str, Any]:
 def _iso(ms: int) -> str:
     import datetime as dt
 
-    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).isoformat(timespec="seconds")
 
 
 def _endpoint(rt: Runtime, value: Any) -> str:
@@ -71,7 +71,11 @@ def _price(rt: Runtime, value: Any) -> int:
 
 
 def _tags(value: Any) -> list[str]:
-    if not isinstance(value, list) or len(value) > 20 or not all(isinstance(t, str) and 0 < len(t) <= 50 for t in value):
+    if (
+        not isinstance(value, list)
+        or len(value) > 20
+        or not all(isinstance(t, str) and 0 < len(t) <= 50 for t in value)
+    ):
         raise fail("tags", "tags must be a list of at most 20 short strings")
     return value
 
@@ -133,12 +137,21 @@ async def list_services(request: web.Request) -> web.Response:
     limit = query_int(q.get("limit"), "limit", 50, 1, 100)
     offset = query_int(q.get("offset"), "offset", 0, 0, 10**9)
     items, total = await rt.registry.list_services(
-        query=q.get("query") or q.get("q"), category=q.get("category"), status=status, limit=limit, offset=offset
+        query=q.get("query") or q.get("q"),
+        category=q.get("category"),
+        status=status,
+        limit=limit,
+        offset=offset,
     )
     d = rt.settings.asset_decimals
     return json_response(
-        {"services": [render(s, d, owner_view=False) for s in items], "count": len(items), "total": total,
-         "offset": offset, "limit": limit}
+        {
+            "services": [render(s, d, owner_view=False) for s in items],
+            "count": len(items),
+            "total": total,
+            "offset": offset,
+            "limit": limit,
+        }
     )
 
 

@@ -13,14 +13,24 @@ from config import SettingsError, load
 
 def test_precedence_defaults_file_env_flags(tmp_path):
     f = tmp_path / "t.toml"
-    f.write_text('port = 9001\nworkers = 2\nip_rate_limit = 5\ncors_origins = ["https://a.example"]\n')
+    f.write_text(
+        'port = 9001\nworkers = 2\nip_rate_limit = 5\ncors_origins = ["https://a.example"]\n'
+    )
     s = load(str(f), env={})
-    assert (s.port, s.workers, s.ip_rate_limit, s.cors_origins) == (9001, 2, 5, ["https://a.example"])
+    assert (s.port, s.workers, s.ip_rate_limit, s.cors_origins) == (
+        9001,
+        2,
+        5,
+        ["https://a.example"],
+    )
     s = load(str(f), env={"TOLLWAY_PORT": "9002", "TOLLWAY_ALLOW_PRIVATE_UPSTREAMS": "true"})
     assert s.port == 9002 and s.allow_private_upstreams is True and s.workers == 2
     s = load(str(f), env={"TOLLWAY_PORT": "9002"}, overrides={"port": 9003})
     assert s.port == 9003
-    assert load(env={}).database_url == "sqlite:///./data/tollway.db" and load(env={}).redis_url is None
+    assert (
+        load(env={}).database_url == "sqlite:///./data/tollway.db"
+        and load(env={}).redis_url is None
+    )
 
 
 @pytest.mark.parametrize(
@@ -54,14 +64,27 @@ def test_unknown_key_in_file_is_refused(tmp_path):
 def test_invalid_config_exits_2_with_one_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLWAY_")}
     env["TOLLWAY_UPSTREAM_READ_TIMEOUT"] = "soon"
-    r = subprocess.run([sys.executable, "-m", "proxy.cli", "serve"], env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    r = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "serve"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "upstream_read_timeout" in lines[0]
     f = tmp_path / "bad.toml"
     f.write_text('workers = "many"\n')
-    r = subprocess.run([sys.executable, "-m", "proxy.cli", "serve", "--config", str(f)], env={k: v for k, v in env.items() if k != "TOLLWAY_UPSTREAM_READ_TIMEOUT"},
-                       capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    r = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "serve", "--config", str(f)],
+        env={k: v for k, v in env.items() if k != "TOLLWAY_UPSTREAM_READ_TIMEOUT"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     assert r.returncode == 2 and "workers" in r.stderr
 
 
@@ -79,7 +102,14 @@ def test_readme_documents_every_setting():
 
 def test_migrate_command_applies_then_reports_up_to_date(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLWAY_")}
-    cmd = [sys.executable, "-m", "proxy.cli", "migrate", "--database-url", f"sqlite:///{tmp_path}/m.db"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "proxy.cli",
+        "migrate",
+        "--database-url",
+        f"sqlite:///{tmp_path}/m.db",
+    ]
     first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
     assert first.returncode == 0 and "applied migrations: [1, 2" in first.stdout
     second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)

@@ -22,7 +22,9 @@ async def test_migrations_are_versioned_and_idempotent(store: Store):
     assert await store.migrate() == []
     from ledger.db import _migrations
 
-    versions = sorted(r["version"] for r in await store.fetch("SELECT version FROM schema_migrations"))
+    versions = sorted(
+        r["version"] for r in await store.fetch("SELECT version FROM schema_migrations")
+    )
     assert versions == [v for v, _ in _migrations(store.kind)] and versions[0] == 1
 
 
@@ -66,6 +68,7 @@ async def test_batch_isolates_a_failing_op(store: Store):
     def credit(key):
         async def op(tx):
             return await tx.transfer(_t(j.world("USDC"), alice, 1, key))
+
         return op
 
     async with store.transaction() as tx:
@@ -89,7 +92,12 @@ async def test_group_commit_never_overdraws(store: Store):
     modes = await asyncio.gather(*(one(i) for i in range(200)))
     await w.close()
     assert modes.count(ops.HELD) == 100 and modes.count(ops.INSUFFICIENT) == 100
-    assert await store.fetchval("SELECT balance FROM accounts WHERE id = $1", j.wallet("bob", "USDC").id) == 0
+    assert (
+        await store.fetchval(
+            "SELECT balance FROM accounts WHERE id = $1", j.wallet("bob", "USDC").id
+        )
+        == 0
+    )
     assert (await verify(store)).ok
 
 
@@ -116,19 +124,28 @@ async def test_capture_splits_and_void_returns(store: Store):
         h1 = await ops.reserve(tx, ops.Reservation("u1", "bob", "svc", 0, 300, "USDC", 60_000))
         h2 = await ops.reserve(tx, ops.Reservation("u2", "bob", "svc", 0, 300, "USDC", 60_000))
     async with store.transaction() as tx:
-        charged = await ops.finish(tx, ops.Outcome(_usage("u1", 200), ops.HELD, h1.hold_id, 300, 300, 30, False))
+        charged = await ops.finish(
+            tx, ops.Outcome(_usage("u1", 200), ops.HELD, h1.hold_id, 300, 300, 30, False)
+        )
         assert charged == 300
         # a second capture of the same hold charges nothing more
-        again = await ops.finish(tx, ops.Outcome(_usage("u1b", 200), ops.HELD, h1.hold_id, 300, 300, 30, False))
+        again = await ops.finish(
+            tx, ops.Outcome(_usage("u1b", 200), ops.HELD, h1.hold_id, 300, 300, 30, False)
+        )
         assert again == 0
-        voided = await ops.finish(tx, ops.Outcome(_usage("u2", 503), ops.HELD, h2.hold_id, 300, 0, 0, False))
+        voided = await ops.finish(
+            tx, ops.Outcome(_usage("u2", 503), ops.HELD, h2.hold_id, 300, 0, 0, False)
+        )
         assert voided == 0
     bal = {r["id"]: r["balance"] for r in await store.fetch("SELECT id, balance FROM accounts")}
     assert bal[j.wallet("bob", "USDC").id] == 700
     assert bal[j.earnings("prov", "USDC").id] == 270
     assert bal[j.fees("USDC").id] == 30
     assert bal[j.holding("USDC").id] == 0
-    rows = {r["id"]: (r["amount"], r["outcome"]) for r in await store.fetch("SELECT id, amount, outcome FROM usage_records")}
+    rows = {
+        r["id"]: (r["amount"], r["outcome"])
+        for r in await store.fetch("SELECT id, amount, outcome FROM usage_records")
+    }
     assert rows["u1"] == (300, "charged") and rows["u2"] == (0, "voided")
     assert (await verify(store)).ok
 
@@ -143,8 +160,18 @@ async def test_expired_holds_are_voided_and_verify_sees_stale_ones(store: Store)
     async with store.transaction() as tx:
         assert await ops.expire_holds(tx, now_ms()) == 1
         # a late capture of the expired hold charges nothing
-        assert await ops.finish(tx, ops.Outcome(_usage("u1", 200), ops.HELD, h.hold_id, 400, 400, 0, False)) == 0
-    assert await store.fetchval("SELECT balance FROM accounts WHERE id = $1", j.wallet("bob", "USDC").id) == 1000
+        assert (
+            await ops.finish(
+                tx, ops.Outcome(_usage("u1", 200), ops.HELD, h.hold_id, 400, 400, 0, False)
+            )
+            == 0
+        )
+    assert (
+        await store.fetchval(
+            "SELECT balance FROM accounts WHERE id = $1", j.wallet("bob", "USDC").id
+        )
+        == 1000
+    )
     assert (await verify(store)).ok
 
 
@@ -153,7 +180,9 @@ async def test_idempotency_claims(store: Store):
         assert await ops.claim_idempotency(tx, "bob", "k1", 60_000) == (ops.CLAIMED, None)
         assert await ops.claim_idempotency(tx, "bob", "k1", 60_000) == (ops.IN_FLIGHT, None)
         assert await ops.claim_idempotency(tx, "eve", "k1", 60_000) == (ops.CLAIMED, None)
-        await tx.execute("UPDATE idempotency_keys SET state = 'done', usage_id = 'u9' WHERE buyer_id = 'bob'")
+        await tx.execute(
+            "UPDATE idempotency_keys SET state = 'done', usage_id = 'u9' WHERE buyer_id = 'bob'"
+        )
         assert await ops.claim_idempotency(tx, "bob", "k1", 60_000) == (ops.DONE, "u9")
         # past the window the key is free again
         await tx.execute("UPDATE idempotency_keys SET created_at = 0 WHERE buyer_id = 'bob'")
@@ -163,7 +192,9 @@ async def test_idempotency_claims(store: Store):
 async def test_verify_reports_each_violation(store: Store):
     async with store.transaction() as tx:
         await ops.credit(tx, ops.Credit("bob", "USDC", 1000, "test", "c"))
-    await store.execute("UPDATE accounts SET balance = balance + 5 WHERE id = $1", j.wallet("bob", "USDC").id)
+    await store.execute(
+        "UPDATE accounts SET balance = balance + 5 WHERE id = $1", j.wallet("bob", "USDC").id
+    )
     await store.execute(
         "INSERT INTO usage_records (id, buyer_id, service_id, provider_id, amount, asset, free_tier, payment_method,"
         " outcome, created_at) VALUES ('ghost', 'bob', 's', 'p', 7, 'USDC', 0, 'prepaid', 'charged', 0)"
@@ -186,4 +217,9 @@ async def test_credit_is_idempotent(store: Store):
     with pytest.raises(DuplicateError):
         async with store.transaction() as tx:
             await ops.credit(tx, ops.Credit("bob", "USDC", 999, "admin_credit", "same-key"))
-    assert await store.fetchval("SELECT balance FROM accounts WHERE id = $1", j.wallet("bob", "USDC").id) == 500
+    assert (
+        await store.fetchval(
+            "SELECT balance FROM accounts WHERE id = $1", j.wallet("bob", "USDC").id
+        )
+        == 500
+    )

@@ -19,7 +19,9 @@ async def _setup(tw: InProcess, up: Upstream, **svc) -> tuple[str, str]:
     return sid, bkey
 
 
-async def test_call_returns_upstream_body_with_billing_headers(tollway: InProcess, upstream: Upstream):
+async def test_call_returns_upstream_body_with_billing_headers(
+    tollway: InProcess, upstream: Upstream
+):
     sid, bkey = await _setup(tollway, upstream)
     st, body, h = await tollway.call(sid, "echo/a/b?x=1", bkey, headers={"X-Request-Id": "req-123"})
     assert st == 200
@@ -37,7 +39,9 @@ async def test_call_returns_upstream_body_with_billing_headers(tollway: InProces
 async def test_method_query_and_body_pass_through(tollway: InProcess, upstream: Upstream):
     sid, bkey = await _setup(tollway, upstream)
     payload = b"x" * 300_000
-    st, body, _ = await tollway.call(sid, "echo/p?a=1&b=2&a=3&empty=", bkey, method="PUT", data=payload)
+    st, body, _ = await tollway.call(
+        sid, "echo/p?a=1&b=2&a=3&empty=", bkey, method="PUT", data=payload
+    )
     assert st == 200
     data = json.loads(body)
     assert data["method"] == "PUT"
@@ -53,7 +57,9 @@ async def test_method_query_and_body_pass_through(tollway: InProcess, upstream: 
     assert st == 200 and json.loads(body)["body_len"] == 100_000
 
 
-async def test_sse_first_event_arrives_before_second_is_sent(tollway: InProcess, upstream: Upstream):
+async def test_sse_first_event_arrives_before_second_is_sent(
+    tollway: InProcess, upstream: Upstream
+):
     sid, bkey = await _setup(tollway, upstream)
     async with tollway.session.get(
         f"{tollway.base}/api/v1/proxy/{sid}/sse", headers={"Authorization": f"Bearer {bkey}"}
@@ -69,12 +75,23 @@ async def test_sse_first_event_arrives_before_second_is_sent(tollway: InProcess,
     assert got_first < upstream.sse_second_sent_at
 
 
-async def test_hop_by_hop_stripped_and_credentials_never_reach_upstream(tollway: InProcess, upstream: Upstream):
+async def test_hop_by_hop_stripped_and_credentials_never_reach_upstream(
+    tollway: InProcess, upstream: Upstream
+):
     sid, bkey = await _setup(tollway, upstream)
     st, _, h = await tollway.call(
-        sid, "hop", None,
-        headers={"Authorization": f"Bearer {bkey}", "api-key": "should-not-leak", "Connection": "keep-alive, X-Drop-Me",
-                 "X-Drop-Me": "1", "Keep-Alive": "timeout=5", "TE": "trailers", "X-Custom": "kept"},
+        sid,
+        "hop",
+        None,
+        headers={
+            "Authorization": f"Bearer {bkey}",
+            "api-key": "should-not-leak",
+            "Connection": "keep-alive, X-Drop-Me",
+            "X-Drop-Me": "1",
+            "Keep-Alive": "timeout=5",
+            "TE": "trailers",
+            "X-Custom": "kept",
+        },
     )
     assert st == 200
     sent = {k.lower(): v for k, v in upstream.seen[-1].headers}
@@ -91,7 +108,9 @@ async def test_hop_by_hop_stripped_and_credentials_never_reach_upstream(tollway:
     assert "api-key" not in {k.lower() for k, _ in upstream.seen[-1].headers}
 
 
-async def test_gzip_body_is_byte_identical_and_cookies_repeat(tollway: InProcess, upstream: Upstream):
+async def test_gzip_body_is_byte_identical_and_cookies_repeat(
+    tollway: InProcess, upstream: Upstream
+):
     sid, bkey = await _setup(tollway, upstream)
     st, body, h = await tollway.call(sid, "gzip", bkey, headers={"Accept-Encoding": "gzip"})
     assert st == 200
@@ -113,16 +132,28 @@ async def test_error_cases_have_json_shape(tollway: InProcess, upstream: Upstrea
         assert e["code"] == code and e["message"]
 
     await err(404, "service_not_found", "no-such-service", "x", bkey)
-    st, _, _ = await tollway.api("PATCH", f"/api/v1/services/{sid}", pkey, json={"status": "paused"})
+    st, _, _ = await tollway.api(
+        "PATCH", f"/api/v1/services/{sid}", pkey, json={"status": "paused"}
+    )
     assert st == 200
     await err(409, "service_paused", sid, "echo", bkey)
     await tollway.api("PATCH", f"/api/v1/services/{sid}", pkey, json={"status": "active"})
-    for bad in ("../keys", "a/../../b", "%2e%2e/x", "a/%2E%2E/%2e%2e/x", "%252e%252e/x", "a/..%2fb", "..%5cx"):
+    for bad in (
+        "../keys",
+        "a/../../b",
+        "%2e%2e/x",
+        "a/%2E%2E/%2e%2e/x",
+        "%252e%252e/x",
+        "a/..%2fb",
+        "..%5cx",
+    ):
         await err(400, "invalid_path", sid, bad, bkey)
     assert all(".." not in s.path for s in upstream.seen)
     # over the limit by Content-Length, and by a chunked body that never states its size
     tw_limit = tollway.rt.settings.max_body_bytes
-    await err(413, "payload_too_large", sid, "echo", bkey, method="POST", data=b"z" * (tw_limit + 1))
+    await err(
+        413, "payload_too_large", sid, "echo", bkey, method="POST", data=b"z" * (tw_limit + 1)
+    )
 
     async def endless():
         for _ in range(tw_limit // 65536 + 5):
@@ -151,7 +182,9 @@ async def test_unreachable_and_timeout(tollway: InProcess, upstream: Upstream):
 async def test_timeout_gives_504(tmp_path, upstream: Upstream):
     from tests.support.tollway import start_inprocess
 
-    tw = await start_inprocess(f"sqlite:///{tmp_path}/t.db", tmp=str(tmp_path), upstream_read_timeout=0.5)
+    tw = await start_inprocess(
+        f"sqlite:///{tmp_path}/t.db", tmp=str(tmp_path), upstream_read_timeout=0.5
+    )
     try:
         pkey = await tw.key("prov", "provider")
         sid = await tw.service(pkey, upstream.url)
@@ -175,7 +208,9 @@ async def test_api_alias_without_version(tollway: InProcess, upstream: Upstream)
 async def test_cors_preflight(tmp_path, upstream: Upstream):
     from tests.support.tollway import start_inprocess
 
-    tw = await start_inprocess(f"sqlite:///{tmp_path}/c.db", tmp=str(tmp_path), cors_origins="https://app.example")
+    tw = await start_inprocess(
+        f"sqlite:///{tmp_path}/c.db", tmp=str(tmp_path), cors_origins="https://app.example"
+    )
     try:
         async with tw.session.options(
             f"{tw.base}/api/v1/services",
@@ -193,13 +228,18 @@ async def test_client_gone_before_headers_is_not_charged(tollway: InProcess, ups
     with_timeout = aiohttp.ClientTimeout(total=0.3)
     try:
         async with aiohttp.ClientSession(timeout=with_timeout) as s:
-            async with s.get(f"{tollway.base}/api/v1/proxy/{sid}/slow?s=1", headers={"Authorization": f"Bearer {bkey}"}) as r:
+            async with s.get(
+                f"{tollway.base}/api/v1/proxy/{sid}/slow?s=1",
+                headers={"Authorization": f"Bearer {bkey}"},
+            ) as r:
                 await r.read()
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pass
     store = tollway.rt.store
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and not await store.fetchval("SELECT COUNT(*) FROM usage_records"):
+    while time.monotonic() < deadline and not await store.fetchval(
+        "SELECT COUNT(*) FROM usage_records"
+    ):
         await asyncio.sleep(0.05)
     usage = await store.fetchrow("SELECT amount, outcome, upstream_status FROM usage_records")
     assert (usage["amount"], usage["outcome"], usage["upstream_status"]) == (0, "voided", 499)
@@ -208,4 +248,9 @@ async def test_client_gone_before_headers_is_not_charged(tollway: InProcess, ups
     assert st == 200 and h["X-ACF-Amount"] == "0.50"
     from ledger import journal as jj
 
-    assert await store.fetchval("SELECT balance FROM accounts WHERE id = $1", jj.wallet("buyer", "USDC").id) == 500_000
+    assert (
+        await store.fetchval(
+            "SELECT balance FROM accounts WHERE id = $1", jj.wallet("buyer", "USDC").id
+        )
+        == 500_000
+    )

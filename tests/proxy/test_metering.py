@@ -9,14 +9,19 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import aiohttp
-import pytest
 
 from ledger import journal as j
 from ledger.db import open_store
-from tests.support.tollway import Client, InProcess, Processes, new_session, start_inprocess, start_processes, wait_healthy, spawn
+from tests.support.tollway import (
+    Client,
+    InProcess,
+    spawn,
+    start_inprocess,
+    start_processes,
+    wait_healthy,
+)
 from tests.support.upstream import Upstream
 
 
@@ -24,7 +29,10 @@ def ledger_verify(db_url: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLWAY_")}
     return subprocess.run(
         [sys.executable, "-m", "proxy.cli", "ledger", "verify", "--database-url", db_url],
-        env=env, capture_output=True, text=True, timeout=120,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -32,21 +40,38 @@ async def wallet_balance(db_url: str, owner: str) -> int:
     s = open_store(db_url)
     await s.connect()
     try:
-        return int(await s.fetchval("SELECT balance FROM accounts WHERE id = $1", j.wallet(owner, "USDC").id) or 0)
+        return int(
+            await s.fetchval(
+                "SELECT balance FROM accounts WHERE id = $1", j.wallet(owner, "USDC").id
+            )
+            or 0
+        )
     finally:
         await s.close()
 
 
-async def _spread(tw: Client, bases: list[str], sid: str, path: str, key: str, n: int, **kw) -> list[tuple[int, bytes, dict]]:
+async def _spread(
+    tw: Client, bases: list[str], sid: str, path: str, key: str, n: int, **kw
+) -> list[tuple[int, bytes, dict]]:
     async def one(i: int):
         base = bases[i % len(bases)]
-        async with tw.session.get(f"{base}/api/v1/proxy/{sid}/{path}", headers={"Authorization": f"Bearer {key}", **kw.get("headers", {})}) as r:
+        async with tw.session.get(
+            f"{base}/api/v1/proxy/{sid}/{path}",
+            headers={"Authorization": f"Bearer {key}", **kw.get("headers", {})},
+        ) as r:
             return r.status, await r.read(), dict(r.headers)
 
     return await asyncio.gather(*(one(i) for i in range(n)))
 
 
-async def _priced(tw: Client, up: Upstream, price: str, free: int = 0, credit: str | None = None, rate_limit: int = 100_000):
+async def _priced(
+    tw: Client,
+    up: Upstream,
+    price: str,
+    free: int = 0,
+    credit: str | None = None,
+    rate_limit: int = 100_000,
+):
     p = await tw.key("prov", "provider")
     sid = await tw.service(p, up.url, price=price, free=free)
     b = await tw.key("buyer", rate_limit=rate_limit)
@@ -55,7 +80,9 @@ async def _priced(tw: Client, up: Upstream, price: str, free: int = 0, credit: s
     return sid, b
 
 
-async def test_two_processes_never_overdraw(tmp_path, pg_url: str, redis_url: str, upstream: Upstream):
+async def test_two_processes_never_overdraw(
+    tmp_path, pg_url: str, redis_url: str, upstream: Upstream
+):
     tw = await start_processes(pg_url, redis_url, str(tmp_path), instances=2)
     try:
         sid, b = await _priced(tw, upstream, "0.10", credit="10.00")
@@ -83,7 +110,12 @@ async def test_one_process_on_sqlite_never_overdraws(tollway_sqlite: InProcess, 
     assert statuses.count(200) == 100 and statuses.count(402) == 100
     assert upstream.hits == 100
     url = tw.rt.settings.database_url
-    assert await tw.rt.store.fetchval("SELECT balance FROM accounts WHERE id = $1", j.wallet("buyer", "USDC").id) == 0
+    assert (
+        await tw.rt.store.fetchval(
+            "SELECT balance FROM accounts WHERE id = $1", j.wallet("buyer", "USDC").id
+        )
+        == 0
+    )
     r = ledger_verify(url)
     assert r.returncode == 0, r.stdout
 
@@ -96,11 +128,17 @@ async def test_free_tier_of_50_gives_exactly_50(tollway: InProcess, upstream: Up
     assert sum(1 for r in results if r[0] == 402) == 150
     assert upstream.hits == 50
     st, usage, _ = await tollway.api("GET", "/api/v1/usage/me", b)
-    assert usage["total_calls"] == 50 and usage["free_tier_calls"] == 50 and usage["total_spent_usd"] == "0.00"
+    assert (
+        usage["total_calls"] == 50
+        and usage["free_tier_calls"] == 50
+        and usage["total_spent_usd"] == "0.00"
+    )
 
 
 async def test_failed_upstreams_charge_nothing(tmp_path, db_url: str, upstream: Upstream):
-    tw = await start_inprocess(db_url, tmp=str(tmp_path), upstream_read_timeout=0.5, hold_ttl_seconds=30)
+    tw = await start_inprocess(
+        db_url, tmp=str(tmp_path), upstream_read_timeout=0.5, hold_ttl_seconds=30
+    )
     try:
         import socket
 
@@ -113,17 +151,29 @@ async def test_failed_upstreams_charge_nothing(tmp_path, db_url: str, upstream: 
         gone = await tw.service(p, f"http://127.0.0.1:{dead}", price="0.25")
         b = await tw.key("buyer")
         await tw.credit("buyer", "1.00")
-        cases = [(live, "status/500", 500), (live, "status/503", 503), (live, "slow?s=3", 504), (gone, "x", 502)]
+        cases = [
+            (live, "status/500", 500),
+            (live, "status/503", 503),
+            (live, "slow?s=3", 504),
+            (gone, "x", 502),
+        ]
         for sid, path, expected in cases:
             st, _, h = await tw.call(sid, path, b)
             assert st == expected
             if st in (500, 503):
                 assert h["X-ACF-Amount"] == "0.00"
         store = tw.rt.store
-        assert await store.fetchval("SELECT balance FROM accounts WHERE id = $1", j.wallet("buyer", "USDC").id) == 1_000_000
+        assert (
+            await store.fetchval(
+                "SELECT balance FROM accounts WHERE id = $1", j.wallet("buyer", "USDC").id
+            )
+            == 1_000_000
+        )
         holds = await store.fetch("SELECT status FROM holds")
         assert [h["status"] for h in holds] == ["voided"] * 4
-        usage = await store.fetch("SELECT amount, outcome, upstream_status FROM usage_records ORDER BY created_at")
+        usage = await store.fetch(
+            "SELECT amount, outcome, upstream_status FROM usage_records ORDER BY created_at"
+        )
         assert [u["amount"] for u in usage] == [0, 0, 0, 0]
         assert [u["upstream_status"] for u in usage] == [500, 503, None, None]
         # a 4xx is an answer: it is charged
@@ -134,7 +184,9 @@ async def test_failed_upstreams_charge_nothing(tmp_path, db_url: str, upstream: 
     assert ledger_verify(db_url).returncode == 0
 
 
-async def test_rate_limit_across_two_instances(tmp_path, pg_url: str, redis_url: str, upstream: Upstream):
+async def test_rate_limit_across_two_instances(
+    tmp_path, pg_url: str, redis_url: str, upstream: Upstream
+):
     tw = await start_processes(pg_url, redis_url, str(tmp_path), instances=2)
     try:
         sid, b = await _priced(tw, upstream, "0", rate_limit=60)
@@ -143,7 +195,7 @@ async def test_rate_limit_across_two_instances(tmp_path, pg_url: str, redis_url:
         limited = [r for r in results if r[0] == 429]
         assert len(passed) <= 60 and len(passed) + len(limited) == 300
         assert len(passed) >= 55  # the limit is a limit, not a refusal of everything
-        for st, body, h in limited:
+        for _st, body, h in limited:
             assert int(h["Retry-After"]) >= 1
             assert re.fullmatch(r'"key";r=\d+;t=\d+', h["RateLimit"]), h["RateLimit"]
             assert h["RateLimit-Policy"] == '"key";q=60;w=60'
@@ -159,7 +211,9 @@ async def test_redis_down_falls_back_to_local_limits(tmp_path, upstream: Upstrea
     s.bind(("127.0.0.1", 0))
     dead = s.getsockname()[1]
     s.close()
-    tw = await start_inprocess(f"sqlite:///{tmp_path}/r.db", f"redis://127.0.0.1:{dead}/0", tmp=str(tmp_path))
+    tw = await start_inprocess(
+        f"sqlite:///{tmp_path}/r.db", f"redis://127.0.0.1:{dead}/0", tmp=str(tmp_path)
+    )
     try:
         sid, b = await _priced(tw, upstream, "0", rate_limit=10)
         results = await _spread(tw, [tw.base], sid, "ok", b, 40)
@@ -176,7 +230,9 @@ async def test_redis_down_falls_back_to_local_limits(tmp_path, upstream: Upstrea
 
 async def test_idempotency_key_charges_once(tollway: InProcess, upstream: Upstream):
     sid, b = await _priced(tollway, upstream, "0.10", credit="10.00")
-    results = await _spread(tollway, [tollway.base], sid, "ok", b, 20, headers={"Idempotency-Key": "order-42"})
+    results = await _spread(
+        tollway, [tollway.base], sid, "ok", b, 20, headers={"Idempotency-Key": "order-42"}
+    )
     ok = [r for r in results if r[0] == 200]
     conflicts = [r for r in results if r[0] == 409]
     assert len(ok) == 1 and len(conflicts) == 19
@@ -187,7 +243,12 @@ async def test_idempotency_key_charges_once(tollway: InProcess, upstream: Upstre
     assert st == 409 and json.loads(body)["error"]["usage_id"] == usage_id
     store = tollway.rt.store
     assert await store.fetchval("SELECT COUNT(*) FROM transfers WHERE kind = 'charge'") == 1
-    assert await store.fetchval("SELECT balance FROM accounts WHERE id = $1", j.wallet("buyer", "USDC").id) == 9_900_000
+    assert (
+        await store.fetchval(
+            "SELECT balance FROM accounts WHERE id = $1", j.wallet("buyer", "USDC").id
+        )
+        == 9_900_000
+    )
     # another buyer may use the same key
     b2 = await tollway.key("buyer2")
     await tollway.credit("buyer2", "1.00")
@@ -200,8 +261,15 @@ async def test_idempotency_key_charges_once(tollway: InProcess, upstream: Upstre
     assert st == 200
 
 
-async def test_sigkill_mid_traffic_leaves_a_clean_ledger(tmp_path, pg_url: str, redis_url: str, upstream: Upstream):
-    settings = dict(upstream_connect_timeout=1, upstream_read_timeout=2, hold_ttl_seconds=4, hold_sweep_interval_seconds=0.5)
+async def test_sigkill_mid_traffic_leaves_a_clean_ledger(
+    tmp_path, pg_url: str, redis_url: str, upstream: Upstream
+):
+    settings = dict(
+        upstream_connect_timeout=1,
+        upstream_read_timeout=2,
+        hold_ttl_seconds=4,
+        hold_sweep_interval_seconds=0.5,
+    )
     tw = await start_processes(pg_url, redis_url, str(tmp_path), **settings)
     try:
         sid, b = await _priced(tw, upstream, "0.001", credit="100.00")
@@ -217,10 +285,12 @@ async def test_sigkill_mid_traffic_leaves_a_clean_ledger(tmp_path, pg_url: str, 
             async with sem:
                 started += 1
                 try:
-                    async with tw.session.get(f"{tw.base}/api/v1/proxy/{sid}/ok", headers={"Authorization": f"Bearer {b}"}) as r:
+                    async with tw.session.get(
+                        f"{tw.base}/api/v1/proxy/{sid}/ok", headers={"Authorization": f"Bearer {b}"}
+                    ) as r:
                         await r.read()
                         statuses.append(r.status)
-                except (aiohttp.ClientError, asyncio.TimeoutError):
+                except (TimeoutError, aiohttp.ClientError):
                     statuses.append(-1)
                 finally:
                     completed += 1
@@ -246,15 +316,25 @@ async def test_sigkill_mid_traffic_leaves_a_clean_ledger(tmp_path, pg_url: str, 
     await s.connect()
     try:
         charged = int(await s.fetchval("SELECT COUNT(*) FROM usage_records WHERE amount > 0"))
-        double = await s.fetch("SELECT hold_id, COUNT(*) FROM transfers WHERE kind = 'charge' GROUP BY hold_id HAVING COUNT(*) > 1")
-        charge_sum = int(await s.fetchval("SELECT COALESCE(SUM(amount), 0) FROM transfers WHERE kind IN ('charge', 'fee')"))
+        double = await s.fetch(
+            "SELECT hold_id, COUNT(*) FROM transfers WHERE kind = 'charge' GROUP BY hold_id HAVING COUNT(*) > 1"
+        )
+        charge_sum = int(
+            await s.fetchval(
+                "SELECT COALESCE(SUM(amount), 0) FROM transfers WHERE kind IN ('charge', 'fee')"
+            )
+        )
         pending = int(await s.fetchval("SELECT COUNT(*) FROM holds WHERE status = 'pending'"))
         expired = int(await s.fetchval("SELECT COUNT(*) FROM holds WHERE status = 'expired'"))
     finally:
         await s.close()
     assert in_flight_at_kill is not None
     assert charged <= served_by_upstream
-    assert charged >= served_by_upstream - in_flight_at_kill, (charged, served_by_upstream, in_flight_at_kill)
+    assert charged >= served_by_upstream - in_flight_at_kill, (
+        charged,
+        served_by_upstream,
+        in_flight_at_kill,
+    )
     assert not double
     assert charge_sum == charged * 1000
     assert pending == 0
@@ -276,7 +356,9 @@ def _metric(text: str, name: str, **labels: str) -> float:
     return total
 
 
-async def test_metrics_are_whole_with_two_workers(tmp_path, pg_url: str, redis_url: str, upstream: Upstream):
+async def test_metrics_are_whole_with_two_workers(
+    tmp_path, pg_url: str, redis_url: str, upstream: Upstream
+):
     tw = await start_processes(pg_url, redis_url, str(tmp_path), workers=2)
     try:
         sid, b = await _priced(tw, upstream, "0.01", credit="0.50", rate_limit=80)
@@ -288,13 +370,18 @@ async def test_metrics_are_whole_with_two_workers(tmp_path, pg_url: str, redis_u
             async with tw.session.get(tw.base + "/metrics", headers={"Connection": "close"}) as r:
                 text = await r.text()
             assert _metric(text, "tollway_requests_total", service=sid, outcome="charged") == 50
-            assert _metric(text, "tollway_requests_total", service=sid, outcome="payment_required") == 30
+            assert (
+                _metric(text, "tollway_requests_total", service=sid, outcome="payment_required")
+                == 30
+            )
             assert _metric(text, "tollway_rate_limited_total", limit="key") == 20
             assert _metric(text, "tollway_charged_units_total", asset="USDC") == 50 * 10_000
             assert _metric(text, "tollway_upstream_latency_seconds_count") == 50
             assert _metric(text, "tollway_proxy_overhead_seconds_count") == 50
             assert _metric(text, "tollway_ledger_batch_size_count") >= 1
-            assert _metric(text, "tollway_ledger_batch_size_sum") >= 130  # begin + finish for the calls, credit
+            assert (
+                _metric(text, "tollway_ledger_batch_size_sum") >= 130
+            )  # begin + finish for the calls, credit
             assert _metric(text, "tollway_ledger_commit_seconds_count") >= 1
             assert "tollway_ledger_queue_depth" in text
             assert "tollway_holds_expired_total" in text

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from typing import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
@@ -56,18 +56,33 @@ def merchant() -> str:
 
 
 @pytest.fixture
-async def tw(db_url: str, tmp_path, node: JsonRpcServer, chain: EvmChain, tokens: dict[str, str], merchant: str) -> AsyncIterator[InProcess]:
+async def tw(
+    db_url: str,
+    tmp_path,
+    node: JsonRpcServer,
+    chain: EvmChain,
+    tokens: dict[str, str],
+    merchant: str,
+) -> AsyncIterator[InProcess]:
     gas = chain.new_account()
     t = await start_inprocess(
-        db_url, tmp=str(tmp_path), evm_rpc_url=node.url, evm_token_address=tokens["usdc"], evm_pay_to=merchant,
-        evm_gas_private_key=gas.key.hex(), x402_tokens=f"{chain.chain_id}:{tokens['usdc']},84532:{tokens['usdc_bs']}",
-        evm_confirmations=1, invoice_mint_rate_limit=100_000,
+        db_url,
+        tmp=str(tmp_path),
+        evm_rpc_url=node.url,
+        evm_token_address=tokens["usdc"],
+        evm_pay_to=merchant,
+        evm_gas_private_key=gas.key.hex(),
+        x402_tokens=f"{chain.chain_id}:{tokens['usdc']},84532:{tokens['usdc_bs']}",
+        evm_confirmations=1,
+        invoice_mint_rate_limit=100_000,
     )
     yield t
     await t.close()
 
 
-def payer_with_funds(chain: EvmChain, tokens: dict[str, str], amount: int = 10_000_000) -> LocalAccount:
+def payer_with_funds(
+    chain: EvmChain, tokens: dict[str, str], amount: int = 10_000_000
+) -> LocalAccount:
     acct = chain.new_account()
     for t in tokens.values():
         chain.mint(t, acct.address, amount)
@@ -91,7 +106,9 @@ async def _ledger_ok(tw: InProcess) -> None:
     assert rep.ok, rep.render()
 
 
-async def test_official_client_pays_v2_and_replay_is_refused(tw: InProcess, upstream: Upstream, chain: EvmChain, tokens, merchant):
+async def test_official_client_pays_v2_and_replay_is_refused(
+    tw: InProcess, upstream: Upstream, chain: EvmChain, tokens, merchant
+):
     sid = await _service(tw, upstream)
     payer = payer_with_funds(chain, tokens)
     url = f"{tw.base}/api/v1/proxy/{sid}/echo/paid"
@@ -107,7 +124,13 @@ async def test_official_client_pays_v2_and_replay_is_refused(tw: InProcess, upst
 
     # the ledger shows the deposit and the charge
     store = tw.rt.store
-    kinds = [r["kind"] for r in await store.fetch("SELECT kind FROM transfers WHERE usage_id = $1 ORDER BY kind", r.headers["X-ACF-Usage-Id"])]
+    kinds = [
+        r["kind"]
+        for r in await store.fetch(
+            "SELECT kind FROM transfers WHERE usage_id = $1 ORDER BY kind",
+            r.headers["X-ACF-Usage-Id"],
+        )
+    ]
     assert kinds == ["charge", "fee", "x402_deposit"]
     pay = await store.fetchrow("SELECT status, owner_id FROM payments WHERE rail = 'x402'")
     assert pay["status"] == "settled" and pay["owner_id"] == payer.address.lower()
@@ -128,7 +151,9 @@ async def test_official_client_pays_v2_and_replay_is_refused(tw: InProcess, upst
     await _ledger_ok(tw)
 
 
-async def test_official_client_pays_v1_from_the_json_body(tw: InProcess, upstream: Upstream, chain: EvmChain, tokens, merchant):
+async def test_official_client_pays_v1_from_the_json_body(
+    tw: InProcess, upstream: Upstream, chain: EvmChain, tokens, merchant
+):
     sid = await _service(tw, upstream)
     payer = payer_with_funds(chain, tokens)
     url = f"{tw.base}/api/v1/proxy/{sid}/echo/v1"
@@ -152,7 +177,9 @@ async def test_official_client_pays_v1_from_the_json_body(tw: InProcess, upstrea
     await _ledger_ok(tw)
 
 
-async def test_upstream_500_is_neither_settled_nor_charged(tw: InProcess, upstream: Upstream, chain: EvmChain, tokens, merchant):
+async def test_upstream_500_is_neither_settled_nor_charged(
+    tw: InProcess, upstream: Upstream, chain: EvmChain, tokens, merchant
+):
     sid = await _service(tw, upstream)
     payer = payer_with_funds(chain, tokens)
     async with httpx.AsyncClient() as plain:
@@ -160,7 +187,9 @@ async def test_upstream_500_is_neither_settled_nor_charged(tw: InProcess, upstre
         req = decode_payment_required_header(r402.headers["PAYMENT-REQUIRED"])
         payload = await official(payer).create_payment_payload(req)
         header = encode_payment_signature_header(payload)
-        r = await plain.get(f"{tw.base}/api/v1/proxy/{sid}/status/500", headers={"PAYMENT-SIGNATURE": header})
+        r = await plain.get(
+            f"{tw.base}/api/v1/proxy/{sid}/status/500", headers={"PAYMENT-SIGNATURE": header}
+        )
     assert r.status_code == 500 and "PAYMENT-RESPONSE" not in r.headers
     assert r.headers["X-ACF-Amount"] == "0.00"
     assert chain.token_balance(tokens["usdc"], merchant) == 0
@@ -173,7 +202,9 @@ async def test_upstream_500_is_neither_settled_nor_charged(tw: InProcess, upstre
     await _ledger_ok(tw)
 
 
-async def test_same_payment_header_20_times_at_once_reaches_upstream_once(tw: InProcess, upstream: Upstream, chain: EvmChain, tokens, merchant):
+async def test_same_payment_header_20_times_at_once_reaches_upstream_once(
+    tw: InProcess, upstream: Upstream, chain: EvmChain, tokens, merchant
+):
     sid = await _service(tw, upstream)
     payer = payer_with_funds(chain, tokens)
     url = f"{tw.base}/api/v1/proxy/{sid}/ok"
@@ -181,7 +212,9 @@ async def test_same_payment_header_20_times_at_once_reaches_upstream_once(tw: In
         r402 = await plain.get(url)
         req = decode_payment_required_header(r402.headers["PAYMENT-REQUIRED"])
         header = encode_payment_signature_header(await official(payer).create_payment_payload(req))
-        results = await asyncio.gather(*(plain.get(url, headers={"PAYMENT-SIGNATURE": header}) for _ in range(20)))
+        results = await asyncio.gather(
+            *(plain.get(url, headers={"PAYMENT-SIGNATURE": header}) for _ in range(20))
+        )
     statuses = sorted(r.status_code for r in results)
     assert statuses.count(200) == 1 and statuses.count(409) == 19, statuses
     assert upstream.hits == 1
@@ -192,7 +225,9 @@ async def test_same_payment_header_20_times_at_once_reaches_upstream_once(tw: In
 # ------------------------------------------------------------------------- invoices
 
 
-async def _invoice(tw: InProcess, sid: str, key: str | None, path: str = "echo/inv", **headers: str) -> dict:
+async def _invoice(
+    tw: InProcess, sid: str, key: str | None, path: str = "echo/inv", **headers: str
+) -> dict:
     h = dict(headers)
     if key:
         h["Authorization"] = f"Bearer {key}"
@@ -201,7 +236,16 @@ async def _invoice(tw: InProcess, sid: str, key: str | None, path: str = "echo/i
     return json.loads(body)["detail"]
 
 
-async def _pay_invoice(tw: InProcess, sid: str, key: str | None, inv: dict, tx: str, path: str = "echo/inv", body: bytes = b'{"q": 1}', **headers: str):
+async def _pay_invoice(
+    tw: InProcess,
+    sid: str,
+    key: str | None,
+    inv: dict,
+    tx: str,
+    path: str = "echo/inv",
+    body: bytes = b'{"q": 1}',
+    **headers: str,
+):
     h = {"X-Invoice-Id": inv["invoiceId"], "X-Payment": tx, **headers}
     if key:
         h["Authorization"] = f"Bearer {key}"
@@ -209,12 +253,18 @@ async def _pay_invoice(tw: InProcess, sid: str, key: str | None, inv: dict, tx: 
     return st, (json.loads(raw) if raw.startswith(b"{") else raw), hdrs
 
 
-async def test_evm_invoice_paid_by_a_real_transfer(tw: InProcess, upstream: Upstream, chain: EvmChain, tokens, merchant):
+async def test_evm_invoice_paid_by_a_real_transfer(
+    tw: InProcess, upstream: Upstream, chain: EvmChain, tokens, merchant
+):
     sid = await _service(tw, upstream, price="0.05")
     buyer = await tw.key("buyer")
     payer = payer_with_funds(chain, tokens)
     inv = await _invoice(tw, sid, buyer)
-    assert inv["chain"] == f"eip155:{chain.chain_id}" and inv["amountUnits"] == "50000" and inv["payTo"] == merchant
+    assert (
+        inv["chain"] == f"eip155:{chain.chain_id}"
+        and inv["amountUnits"] == "50000"
+        and inv["payTo"] == merchant
+    )
     assert inv["decimals"] == 6 and inv["extra"]["token"] == tokens["usdc"]
     tx = chain.transfer_token(tokens["usdc"], payer, merchant, 50_000)
     st, data, h = await _pay_invoice(tw, sid, buyer, inv, tx)
@@ -234,11 +284,25 @@ async def test_evm_invoice_paid_by_a_real_transfer(tw: InProcess, upstream: Upst
     await _ledger_ok(tw)
 
 
-async def test_evm_invoice_refusals(tmp_path, db_url: str, node: JsonRpcServer, chain: EvmChain, tokens, merchant, upstream: Upstream):
+async def test_evm_invoice_refusals(
+    tmp_path,
+    db_url: str,
+    node: JsonRpcServer,
+    chain: EvmChain,
+    tokens,
+    merchant,
+    upstream: Upstream,
+):
     gas = chain.new_account()
     tw = await start_inprocess(
-        db_url, tmp=str(tmp_path), evm_rpc_url=node.url, evm_token_address=tokens["usdc"], evm_pay_to=merchant,
-        evm_gas_private_key=gas.key.hex(), invoice_ttl_seconds=2, invoice_mint_rate_limit=100_000,
+        db_url,
+        tmp=str(tmp_path),
+        evm_rpc_url=node.url,
+        evm_token_address=tokens["usdc"],
+        evm_pay_to=merchant,
+        evm_gas_private_key=gas.key.hex(),
+        invoice_ttl_seconds=2,
+        invoice_mint_rate_limit=100_000,
     )
     try:
         sid = await _service(tw, upstream, price="0.05")
@@ -246,8 +310,16 @@ async def test_evm_invoice_refusals(tmp_path, db_url: str, node: JsonRpcServer, 
         payer = payer_with_funds(chain, tokens)
         cases = [
             (chain.transfer_token(tokens["other"], payer, merchant, 50_000), 402, "wrong_token"),
-            (chain.transfer_token(tokens["usdc"], payer, merchant, 49_999), 402, "amount_too_small"),
-            (chain.transfer_token(tokens["usdc"], payer, Account.create().address, 50_000), 402, "wrong_recipient"),
+            (
+                chain.transfer_token(tokens["usdc"], payer, merchant, 49_999),
+                402,
+                "amount_too_small",
+            ),
+            (
+                chain.transfer_token(tokens["usdc"], payer, Account.create().address, 50_000),
+                402,
+                "wrong_recipient",
+            ),
             ("0x" + "ab" * 32, 402, "tx_not_found"),
         ]
         hits = upstream.hits
@@ -271,17 +343,29 @@ async def test_evm_invoice_refusals(tmp_path, db_url: str, node: JsonRpcServer, 
         await tw.close()
 
 
-async def test_batch_invoice_covers_100_calls_then_402(tw: InProcess, upstream: Upstream, chain: EvmChain, tokens, merchant):
+async def test_batch_invoice_covers_100_calls_then_402(
+    tw: InProcess, upstream: Upstream, chain: EvmChain, tokens, merchant
+):
     sid = await _service(tw, upstream, price="0.01")
     payer = payer_with_funds(chain, tokens)
     wallet = payer.address
     st, body, _ = await tw.call(sid, "ok", None, headers={"X-Batch-Target": "100"})
-    assert st == 400 and json.loads(body)["error"]["code"] == "wallet_address_required_for_prepaid_batches"
-    st, body, _ = await tw.call(sid, "ok", None, headers={"X-Batch-Target": "100", "X-Wallet-Address": wallet})
+    assert (
+        st == 400
+        and json.loads(body)["error"]["code"] == "wallet_address_required_for_prepaid_batches"
+    )
+    st, body, _ = await tw.call(
+        sid, "ok", None, headers={"X-Batch-Target": "100", "X-Wallet-Address": wallet}
+    )
     inv = json.loads(body)["detail"]
     assert inv["extra"]["batchTarget"] == 100 and inv["amountUnits"] == str(100 * PRICE)
     tx = chain.transfer_token(tokens["usdc"], payer, merchant, 100 * PRICE)
-    st, _, _ = await tw.call(sid, "ok", None, headers={"X-Invoice-Id": inv["invoiceId"], "X-Payment": tx, "X-Wallet-Address": wallet})
+    st, _, _ = await tw.call(
+        sid,
+        "ok",
+        None,
+        headers={"X-Invoice-Id": inv["invoiceId"], "X-Payment": tx, "X-Wallet-Address": wallet},
+    )
     assert st == 200
     draw = {"X-Invoice-Id": inv["invoiceId"], "X-Wallet-Address": wallet}
     results = await asyncio.gather(*(tw.call(sid, "ok", None, headers=draw) for _ in range(99)))
@@ -292,19 +376,30 @@ async def test_batch_invoice_covers_100_calls_then_402(tw: InProcess, upstream: 
     bal = (await tw.api("GET", f"/payments/balance?partner=tollway&wallet={wallet}"))[1]
     assert bal["balances"] == [{"asset": "USDC", "amountUnits": "0", "amount": "0.00"}]
     # another wallet cannot draw from this batch
-    st, body, _ = await tw.call(sid, "ok", None, headers={"X-Invoice-Id": inv["invoiceId"], "X-Wallet-Address": Account.create().address})
+    st, body, _ = await tw.call(
+        sid,
+        "ok",
+        None,
+        headers={"X-Invoice-Id": inv["invoiceId"], "X-Wallet-Address": Account.create().address},
+    )
     assert st == 402 and json.loads(body)["error"]["code"] == "wallet_mismatch"
     await _ledger_ok(tw)
 
 
-async def test_invoice_minting_is_rate_limited_per_ip(tmp_path, node: JsonRpcServer, chain: EvmChain, tokens, merchant, upstream: Upstream):
+async def test_invoice_minting_is_rate_limited_per_ip(
+    tmp_path, node: JsonRpcServer, chain: EvmChain, tokens, merchant, upstream: Upstream
+):
     tw = await start_inprocess(
-        f"sqlite:///{tmp_path}/m.db", tmp=str(tmp_path), evm_rpc_url=node.url, evm_token_address=tokens["usdc"],
-        evm_pay_to=merchant, invoice_mint_rate_limit=5,
+        f"sqlite:///{tmp_path}/m.db",
+        tmp=str(tmp_path),
+        evm_rpc_url=node.url,
+        evm_token_address=tokens["usdc"],
+        evm_pay_to=merchant,
+        invoice_mint_rate_limit=5,
     )
     try:
         sid = await _service(tw, upstream)
-        results = [ (await tw.call(sid, "ok", None))[0] for _ in range(8)]
+        results = [(await tw.call(sid, "ok", None))[0] for _ in range(8)]
         assert results.count(402) == 5 and results.count(429) == 3
         assert await tw.rt.store.fetchval("SELECT COUNT(*) FROM invoices") == 5
     finally:

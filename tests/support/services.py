@@ -70,7 +70,7 @@ async def create_pg_database() -> str:
     name = f"tollway_t_{secrets.token_hex(6)}"
     conn = await asyncpg.connect(PG_ADMIN)
     try:
-        for attempt in range(20):
+        for _ in range(20):
             try:
                 await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE}"')
                 break
@@ -85,7 +85,9 @@ async def drop_pg_database(url: str) -> None:
     name = url.rsplit("/", 1)[1]
     conn = await asyncpg.connect(PG_ADMIN)
     try:
-        await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name)
+        await conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name
+        )
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
     finally:
         await conn.close()

@@ -33,7 +33,9 @@ class Client:
     admin: str
     session: aiohttp.ClientSession
 
-    async def api(self, method: str, path: str, auth: str | None = None, **kw: Any) -> tuple[int, Any, Any]:
+    async def api(
+        self, method: str, path: str, auth: str | None = None, **kw: Any
+    ) -> tuple[int, Any, Any]:
         headers = dict(kw.pop("headers", {}) or {})
         if auth:
             headers["Authorization"] = f"Bearer {auth}"
@@ -49,12 +51,24 @@ class Client:
 
     async def key(self, owner: str, role: str = "buyer", rate_limit: int = 100_000) -> str:
         auth = self.admin if role != "buyer" else None
-        st, data, _ = await self.api("POST", "/api/v1/keys", auth, json={"owner_id": owner, "role": role, "rate_limit": rate_limit})
+        st, data, _ = await self.api(
+            "POST",
+            "/api/v1/keys",
+            auth,
+            json={"owner_id": owner, "role": role, "rate_limit": rate_limit},
+        )
         assert st == 201, data
         return f"{data['key_id']}:{data['secret']}"
 
-    async def service(self, pkey: str, endpoint: str, price: str = "0", free: int = 0, **extra: Any) -> str:
-        body = {"name": "svc", "endpoint": endpoint, "price_per_call": price, "free_tier_calls": free}
+    async def service(
+        self, pkey: str, endpoint: str, price: str = "0", free: int = 0, **extra: Any
+    ) -> str:
+        body = {
+            "name": "svc",
+            "endpoint": endpoint,
+            "price_per_call": price,
+            "free_tier_calls": free,
+        }
         body.update(extra)
         st, data, _ = await self.api("POST", "/api/v1/services", pkey, json=body)
         assert st == 201, data
@@ -62,12 +76,17 @@ class Client:
 
     async def credit(self, owner: str, amount: str) -> None:
         st, data, _ = await self.api(
-            "POST", "/api/v1/admin/credit", self.admin, headers={"Idempotency-Key": secrets.token_hex(8)},
+            "POST",
+            "/api/v1/admin/credit",
+            self.admin,
+            headers={"Idempotency-Key": secrets.token_hex(8)},
             json={"owner_id": owner, "amount": amount},
         )
         assert st == 201, data
 
-    async def call(self, service_id: str, path: str, key: str | None, method: str = "GET", **kw: Any) -> tuple[int, bytes, Any]:
+    async def call(
+        self, service_id: str, path: str, key: str | None, method: str = "GET", **kw: Any
+    ) -> tuple[int, bytes, Any]:
         headers = dict(kw.pop("headers", {}) or {})
         if key:
             headers["Authorization"] = f"Bearer {key}"
@@ -97,16 +116,23 @@ class InProcess(Client):
 
 def new_session() -> aiohttp.ClientSession:
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0, force_close=False), auto_decompress=False,
+        connector=aiohttp.TCPConnector(limit=0, force_close=False),
+        auto_decompress=False,
         timeout=aiohttp.ClientTimeout(total=120),
     )
 
 
-async def start_inprocess(database_url: str, redis_url: str | None = None, tmp: str | None = None, **overrides: Any) -> InProcess:
+async def start_inprocess(
+    database_url: str, redis_url: str | None = None, tmp: str | None = None, **overrides: Any
+) -> InProcess:
     admin = f"admin_t:{secrets.token_hex(12)}"
     opts: dict[str, Any] = {
-        "database_url": database_url, "redis_url": redis_url, "admin_key": admin,
-        "allow_private_upstreams": True, "port": 0, "ip_rate_limit": 0,
+        "database_url": database_url,
+        "redis_url": redis_url,
+        "admin_key": admin,
+        "allow_private_upstreams": True,
+        "port": 0,
+        "ip_rate_limit": 0,
         "receipts_dir": os.path.join(tmp or "/tmp", f"receipts-{secrets.token_hex(4)}"),
     }
     opts.update(overrides)
@@ -117,7 +143,9 @@ async def start_inprocess(database_url: str, redis_url: str | None = None, tmp: 
     site = web.TCPSite(runner, "127.0.0.1", 0, backlog=2048)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    return InProcess(base=f"http://127.0.0.1:{port}", admin=admin, session=new_session(), runner=runner, app=app)
+    return InProcess(
+        base=f"http://127.0.0.1:{port}", admin=admin, session=new_session(), runner=runner, app=app
+    )
 
 
 @dataclass
@@ -139,11 +167,21 @@ class Processes(Client):
                 p.wait()
 
 
-def tollway_env(database_url: str, redis_url: str | None, admin: str, port: int, **settings: Any) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLWAY_") and k != "PROMETHEUS_MULTIPROC_DIR"}
+def tollway_env(
+    database_url: str, redis_url: str | None, admin: str, port: int, **settings: Any
+) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("TOLLWAY_") and k != "PROMETHEUS_MULTIPROC_DIR"
+    }
     env.update(
-        TOLLWAY_DATABASE_URL=database_url, TOLLWAY_ADMIN_KEY=admin, TOLLWAY_PORT=str(port),
-        TOLLWAY_HOST="127.0.0.1", TOLLWAY_ALLOW_PRIVATE_UPSTREAMS="true", TOLLWAY_IP_RATE_LIMIT="0",
+        TOLLWAY_DATABASE_URL=database_url,
+        TOLLWAY_ADMIN_KEY=admin,
+        TOLLWAY_PORT=str(port),
+        TOLLWAY_HOST="127.0.0.1",
+        TOLLWAY_ALLOW_PRIVATE_UPSTREAMS="true",
+        TOLLWAY_IP_RATE_LIMIT="0",
         TOLLWAY_LOG_LEVEL="warning",
     )
     if redis_url:
@@ -154,14 +192,19 @@ def tollway_env(database_url: str, redis_url: str | None, admin: str, port: int,
 
 
 def spawn(env: dict[str, str], log_path: str, *extra: str) -> subprocess.Popen[bytes]:
-    logf = open(log_path, "ab")
+    logf = open(log_path, "ab")  # noqa: SIM115 - the child process owns it
     return subprocess.Popen(
-        [sys.executable, "-m", "proxy.cli", "serve", *extra], env=env, stdout=logf, stderr=subprocess.STDOUT,
+        [sys.executable, "-m", "proxy.cli", "serve", *extra],
+        env=env,
+        stdout=logf,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
 
 
-async def wait_healthy(base: str, timeout: float = 30.0, procs: list[subprocess.Popen[bytes]] | None = None) -> None:
+async def wait_healthy(
+    base: str, timeout: float = 30.0, procs: list[subprocess.Popen[bytes]] | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as s:
         while time.monotonic() < deadline:
@@ -179,7 +222,13 @@ async def wait_healthy(base: str, timeout: float = 30.0, procs: list[subprocess.
 
 
 async def start_processes(
-    database_url: str, redis_url: str | None, tmp: str, *, instances: int = 1, workers: int = 1, **settings: Any
+    database_url: str,
+    redis_url: str | None,
+    tmp: str,
+    *,
+    instances: int = 1,
+    workers: int = 1,
+    **settings: Any,
 ) -> Processes:
     """``instances`` separate `tollway serve` processes (separate ports), each with ``workers``."""
     admin = f"admin_t:{secrets.token_hex(12)}"
@@ -198,6 +247,8 @@ async def start_processes(
             await wait_healthy(bases[0], procs=procs)
     for b in bases:
         await wait_healthy(b, procs=procs)
-    p = Processes(base=bases[0], admin=admin, session=new_session(), procs=procs, env=env0, logs=logs)
+    p = Processes(
+        base=bases[0], admin=admin, session=new_session(), procs=procs, env=env0, logs=logs
+    )
     p.bases = bases  # type: ignore[attr-defined]
     return p

@@ -47,8 +47,14 @@ async def start_upstream() -> Upstream:
     async def record(request: web.Request, body_len: int) -> None:
         up.hits += 1
         up.seen.append(
-            Seen(request.method, request.path, request.raw_path, list(request.query.items()),
-                 list(request.headers.items()), body_len)
+            Seen(
+                request.method,
+                request.path,
+                request.raw_path,
+                list(request.query.items()),
+                list(request.headers.items()),
+                body_len,
+            )
         )
 
     async def echo(request: web.Request) -> web.Response:
@@ -57,13 +63,20 @@ async def start_upstream() -> Upstream:
             n += len(chunk)
         await record(request, n)
         return web.json_response(
-            {"method": request.method, "path": request.path, "raw_path": request.raw_path,
-             "query": list(request.query.items()), "body_len": n}
+            {
+                "method": request.method,
+                "path": request.path,
+                "raw_path": request.raw_path,
+                "query": list(request.query.items()),
+                "body_len": n,
+            }
         )
 
     async def sse(request: web.Request) -> web.StreamResponse:
         await record(request, 0)
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
         await resp.prepare(request)
         await resp.write(b"data: first\n\n")
         await asyncio.sleep(1.0)
@@ -87,7 +100,8 @@ async def start_upstream() -> Upstream:
     async def gz(request: web.Request) -> web.Response:
         await record(request, 0)
         return web.Response(
-            body=up.gzip_body, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"}
+            body=up.gzip_body,
+            headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
         )
 
     async def cookies(request: web.Request) -> web.Response:
