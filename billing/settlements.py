@@ -21,11 +21,31 @@ How the money moves (every step a transfer, so ``tollway ledger verify`` holds):
 4. Paying posts ``payout``: earnings -> world, ``net``, idempotency key
    ``payout:<settlement id>``, guarded so earnings never go below zero.
 
+Settlements are the single record of what a provider is owed and paid: money
+leaves earnings only by paying settlements, by one of two paths.
+
+- ``pay`` (``PATCH /settlements/{id}/pay``): a payout made outside Tollway;
+  posts the ``payout`` transfer above.
+- A withdrawal from earnings (on chain, or a Stripe Connect transfer): it
+  names the settlements it pays, or takes the oldest unpaid ones whose nets
+  add up to its amount exactly (``plan_payout``); its amount is their net. In
+  the transaction of its guarded debit it claims them (``claim_payout``:
+  pending -> paying, ``withdrawal_id`` set; a settlement already paying or
+  paid refuses the whole withdrawal, so it is never paid twice by either
+  path). When the payout is made, ``complete_payout`` marks them completed
+  with its tx hash or Stripe transfer id as ``payment_tx`` in the transaction
+  that records it; a failed payout (void, reversal) puts them back to
+  pending (``release_payout``) in the transaction that returns the money.
+
+So ``earnings == unsettled share + net of pending settlements`` at every
+commit: a paying settlement's net has already left earnings.
+
 Settlements are built in chunks, each its own short transaction, so settling
 a large ledger never holds the (SQLite) write lock for long and can report
 progress; a settlement is ``processing`` until its totals are fixed, and a
 repeat of the same request resumes it. Statuses: processing -> pending ->
-completed.
+completed, or pending -> paying -> completed (or back to pending) when a
+withdrawal pays it.
 
 Months of the growth program are 30-day periods from the provider's
 registration (as at call time in ``proxy.runtime.fee_schedule``): month 1 uses
@@ -49,8 +69,10 @@ from ledger.db import Row, Store, Tx
 from ledger.journal import Transfer, new_id, now_ms
 
 MONTH_MS = 30 * 86_400_000
-PROCESSING, PENDING, COMPLETED = "processing", "pending", "completed"
-STATUSES = (PROCESSING, PENDING, COMPLETED)
+PROCESSING, PENDING, PAYING, COMPLETED = "processing", "pending", "paying", "completed"
+STATUSES = (PROCESSING, PENDING, PAYING, COMPLETED)
+# At most this many settlements in one withdrawal.
+MAX_PAYOUT_SETTLEMENTS = 100
 CHUNK = 2000
 
 Progress = Callable[[int, int], None]
@@ -355,9 +377,7 @@ async def pay(store: Store, sid: str, payment_tx: str, decimals: int) -> Row:
         if row is None:
             raise BillingError("no such settlement", code="settlement_not_found", status=404)
         if not marked:
-            if row["status"] == COMPLETED:
-                raise BillingError("this settlement is already paid", code="already_paid", status=409)
-            raise BillingError("this settlement is still being built", code="settlement_processing", status=409)
+            raise _not_payable(row)
         net, provider, asset = int(row["net"]), row["provider_id"], row["asset"]
         if net > 0:
             ok = await tx.transfer(
@@ -370,6 +390,182 @@ async def pay(store: Store, sid: str, payment_tx: str, decimals: int) -> Row:
                                    code="insufficient_earnings", status=409)
         await enqueue_event(tx, provider, SETTLEMENT_COMPLETED, render(row, decimals), now=now)
     return row
+
+
+def _not_payable(row: Row) -> BillingError:
+    """Why a settlement that is not ``pending`` cannot be paid (a 409)."""
+    sid, status, wid = row["id"], row["status"], row["withdrawal_id"]
+    if status == COMPLETED:
+        how = f"by withdrawal {wid}" if wid else f"outside Tollway ({row['payment_tx']})"
+        return BillingError(f"settlement {sid} is already paid {how}", code="already_paid", status=409)
+    if status == PAYING:
+        return BillingError(f"settlement {sid} is being paid by withdrawal {wid}",
+                            code="payout_in_progress", status=409)
+    return BillingError(f"settlement {sid} is still being built", code="settlement_processing", status=409)
+
+
+# --------------------------------------------------------------------------- paid by withdrawals
+
+
+@dataclass(frozen=True, slots=True)
+class PayoutPlan:
+    """The settlements one withdrawal from earnings pays, and their net (its amount)."""
+
+    settlement_ids: tuple[str, ...]
+    amount: int
+
+
+async def plan_payout(
+    store: Store | Tx,
+    provider_id: str,
+    asset: str,
+    *,
+    settlement_ids: list[str] | None = None,
+    amount: int | None = None,
+) -> PayoutPlan:
+    """Which unpaid settlements a payout of the provider's earnings pays.
+
+    - ``settlement_ids`` named: exactly those (each the provider's, in this
+      asset, pending); ``amount``, if given, must equal their net.
+    - else ``amount``: the oldest pending settlements (by creation) whose nets
+      add up to exactly ``amount``.
+    - neither: the oldest pending settlement with a net above zero (and any
+      older zero-net ones).
+
+    Read-only: ``claim_payout`` takes them, atomically, with the debit.
+    """
+    if settlement_ids:
+        ids = list(settlement_ids)
+        if len(set(ids)) != len(ids):
+            raise BillingError("settlement_ids has duplicates", code="validation_error", status=422)
+        if len(ids) > MAX_PAYOUT_SETTLEMENTS:
+            raise BillingError(f"at most {MAX_PAYOUT_SETTLEMENTS} settlements per payout",
+                               code="validation_error", status=422)
+        marks = ", ".join(f"${i + 1}" for i in range(len(ids)))
+        rows = {r["id"]: r for r in await store.fetch(
+            f"SELECT * FROM settlements WHERE id IN ({marks})", *ids)}
+        for sid in ids:
+            r = rows.get(sid)
+            if r is None or r["provider_id"] != provider_id or r["asset"] != asset:
+                raise BillingError(f"no such settlement: {sid}", code="settlement_not_found", status=404)
+            if r["status"] != PENDING:
+                raise _not_payable(r)
+        total = sum(int(rows[sid]["net"]) for sid in ids)
+        if amount is not None and amount != total:
+            raise BillingError(
+                f"amount {amount} is not the net of these settlements ({total})",
+                code="amount_mismatch", status=422,
+            )
+        if total <= 0:
+            raise BillingError("these settlements have nothing to pay out (net 0): pay them with"
+                               " PATCH /settlements/{id}/pay", code="nothing_to_pay", status=409)
+        return PayoutPlan(tuple(ids), total)
+
+    pending = await store.fetch(
+        "SELECT id, net FROM settlements WHERE provider_id = $1 AND asset = $2 AND status = 'pending'"
+        " ORDER BY created_at, id LIMIT $3",
+        provider_id, asset, MAX_PAYOUT_SETTLEMENTS,
+    )
+    if not pending:
+        raise BillingError("no settled-but-unpaid settlement to pay: earnings are paid out only"
+                           " against settlements", code="no_unpaid_settlement", status=409)
+    target = amount
+    if target is None:
+        target = next((int(r["net"]) for r in pending if int(r["net"]) > 0), 0)
+        if target == 0:
+            raise BillingError("the unpaid settlements have nothing to pay out (net 0)",
+                               code="nothing_to_pay", status=409)
+    taken: list[str] = []
+    total = 0
+    for r in pending:
+        if total == target:
+            break
+        taken.append(r["id"])
+        total += int(r["net"])
+        if total > target:
+            break
+    if total != target:
+        nets = ", ".join(str(int(r["net"])) for r in pending[:5])
+        raise BillingError(
+            f"no run of the oldest unpaid settlements has a net of exactly {target}"
+            f" (their nets, oldest first: {nets}{', ...' if len(pending) > 5 else ''});"
+            " name them with settlement_id(s) or withdraw their exact net",
+            code="no_matching_settlement", status=409,
+        )
+    return PayoutPlan(tuple(taken), total)
+
+
+async def claim_payout(tx: Tx, provider_id: str, asset: str, withdrawal_id: str, plan: PayoutPlan,
+                       now: int) -> None:
+    """Mark the plan's settlements ``paying`` for this withdrawal, in the debit's transaction.
+
+    Raises (so the caller's transaction, debit included, rolls back) when any
+    of them is no longer pending: paid or being paid meanwhile by the other path.
+    """
+    ids = list(plan.settlement_ids)
+    marks = ", ".join(f"${i + 4}" for i in range(len(ids)))
+    n = await tx.execute(
+        f"UPDATE settlements SET status = 'paying', withdrawal_id = $1"
+        f" WHERE provider_id = $2 AND asset = $3 AND status = 'pending' AND id IN ({marks})",
+        withdrawal_id, provider_id, asset, *ids,
+    )
+    rows = await tx.fetch(
+        f"SELECT * FROM settlements WHERE id IN ({', '.join(f'${i + 1}' for i in range(len(ids)))})", *ids
+    )
+    if n != len(ids):
+        for r in rows:
+            if r["withdrawal_id"] != withdrawal_id or r["status"] != PAYING:
+                raise _not_payable(r)
+        raise BillingError("a settlement of this payout changed meanwhile", code="settlement_changed",
+                           status=409)
+    if sum(int(r["net"]) for r in rows) != plan.amount:  # nets are fixed once pending
+        raise BillingError("the settlements' net changed meanwhile", code="settlement_changed", status=409)
+    for r in rows:
+        await tx.execute(
+            "INSERT INTO withdrawal_settlements (withdrawal_id, settlement_id, net, created_at)"
+            " VALUES ($1, $2, $3, $4)",
+            withdrawal_id, r["id"], int(r["net"]), now,
+        )
+
+
+async def complete_payout(tx: Tx, withdrawal_id: str, payment_ref: str, now: int, decimals: int) -> int:
+    """The withdrawal's payout was made: its settlements are completed, paid by ``payment_ref``.
+
+    Runs in the transaction that records the payout; queues ``settlement.completed``
+    for each. Returns how many it completed (0 for a withdrawal from a wallet).
+    """
+    rows = await tx.fetch(
+        "UPDATE settlements SET status = 'completed', payment_tx = $2, paid_at = $3"
+        " WHERE withdrawal_id = $1 AND status = 'paying' RETURNING *",
+        withdrawal_id, payment_ref, now,
+    )
+    for r in rows:
+        await enqueue_event(tx, r["provider_id"], SETTLEMENT_COMPLETED, render(r, decimals), now=now)
+    return len(rows)
+
+
+async def release_payout(tx: Tx, withdrawal_id: str) -> int:
+    """The withdrawal's payout failed: its settlements are unpaid again (in the refund's transaction)."""
+    return await tx.execute(
+        "UPDATE settlements SET status = 'pending', withdrawal_id = NULL"
+        " WHERE withdrawal_id = $1 AND status = 'paying'",
+        withdrawal_id,
+    )
+
+
+async def payout_settlement_ids(store: Store, withdrawal_ids: list[str]) -> dict[str, list[str]]:
+    """The settlements each withdrawal was made for (empty for a withdrawal from a wallet)."""
+    out: dict[str, list[str]] = {w: [] for w in withdrawal_ids}
+    if not withdrawal_ids:
+        return out
+    marks = ", ".join(f"${i + 1}" for i in range(len(withdrawal_ids)))
+    for r in await store.fetch(
+        f"SELECT withdrawal_id, settlement_id FROM withdrawal_settlements WHERE withdrawal_id IN ({marks})"
+        " ORDER BY created_at, settlement_id",
+        *withdrawal_ids,
+    ):
+        out[r["withdrawal_id"]].append(r["settlement_id"])
+    return out
 
 
 async def get(store: Store, sid: str) -> Row | None:
@@ -413,6 +609,8 @@ def render(r: Row, decimals: int) -> dict[str, Any]:
         "call_count": int(r["call_count"]),
         "status": r["status"],
         "payment_tx": r["payment_tx"],
+        # The withdrawal that pays or paid it; None when paid outside Tollway.
+        "withdrawal_id": r["withdrawal_id"],
         "created_at": _iso(int(r["created_at"])),
         "paid_at": _iso(int(r["paid_at"])) if r["paid_at"] is not None else None,
     }

@@ -15,6 +15,10 @@
 - A Connect payout debits the wallet first (guarded: never below zero), then
   asks Stripe for the transfer; a refused transfer is reversed by a new journal
   entry; an unknown outcome is looked up by transfer group before deciding.
+  From a provider's earnings it pays settlements (see ``billing.settlements``):
+  its amount is their net, they are claimed (``paying``) in the debit's
+  transaction, completed with the Stripe transfer id when the transfer is
+  made, and unpaid again in the transaction that reverses the debit.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from billing import settlements as stl
 from billing.errors import BillingError, PayoutFailed, UpstreamRailError
 from billing.rails.stripe_rail import (
     ChargeDeclined,
@@ -34,7 +39,16 @@ from billing.rails.stripe_rail import (
     SetupCompletedEvent,
     StripeRail,
 )
-from billing.wallets import DEBITED, PAID, REVERSED, UNKNOWN, InsufficientBalance, get_withdrawal
+from billing.wallets import (
+    DEBITED,
+    PAID,
+    REVERSED,
+    UNKNOWN,
+    InsufficientBalance,
+    InsufficientEarnings,
+    get_withdrawal,
+    settlement_plan,
+)
 from ledger import journal as j
 from ledger import ops
 from ledger.db import Row, Store, Tx
@@ -74,6 +88,8 @@ class TopupConfig:
     connect_unknown_grace_seconds: float = 600.0
     # How often unknown Connect transfers are looked up at Stripe (one list call each).
     connect_reconcile_seconds: float = 30.0
+    # The asset's decimals (settlement.completed events render amounts).
+    decimals: int = 6
 
 
 def cents_of(units: int, units_per_cent: int) -> int:
@@ -453,22 +469,35 @@ class Topups:
                 "charges_enabled": st.charges_enabled, "payouts_enabled": st.payouts_enabled,
                 "details_submitted": st.details_submitted}
 
-    async def withdraw_to_connect(self, owner_id: str, source: Account, units: int) -> Row:
-        """Debit first, transfer, and reverse the debit if Stripe refuses the transfer."""
+    async def withdraw_to_connect(
+        self, owner_id: str, source: Account, units: int | None,
+        *, plan: stl.PayoutPlan | None = None,
+    ) -> Row:
+        """Debit first, transfer, and reverse the debit if Stripe refuses the transfer.
+
+        From earnings, ``plan`` names the settlements paid and ``units`` is their
+        net (planned here from ``units`` when not given).
+        """
         cfg = self.config
-        cents = cents_of(units, cfg.units_per_cent)
         account_id = await self.connect_account(owner_id)
         if account_id is None:
             raise BillingError("no Connect account: POST /api/v1/stripe/connect first",
                                code="connect_not_onboarded", status=409)
+        plan, units = await settlement_plan(self.store, owner_id, source, source.asset, units, plan)
+        cents = cents_of(units, cfg.units_per_cent)
         wid, now = new_id("wd"), now_ms()
 
         async def debit(tx: Tx) -> bool:
+            if plan is not None:
+                await stl.claim_payout(tx, owner_id, source.asset, wid, plan, now)
             ok = await tx.transfer(
                 Transfer(new_id("tr"), source, j.world(source.asset), units, "connect_payout",
                          f"connect_payout:{wid}"),
                 guard=True, now=now,
             )
+            if not ok and plan is not None:
+                # Raised so the claim rolls back with the refused debit.
+                raise InsufficientEarnings("the provider's earnings do not cover these settlements")
             if ok:
                 await tx.execute(
                     "INSERT INTO withdrawals (id, owner_id, method, asset, amount, source_account,"
@@ -506,13 +535,19 @@ class Topups:
 
     async def _connect_paid(self, wid: str, transfer_id: str) -> None:
         now = now_ms()
-        await self.writer.submit(
-            lambda tx: tx.execute(
+        decimals = self.config.decimals
+
+        async def op(tx: Tx) -> None:
+            n = await tx.execute(
                 "UPDATE withdrawals SET status = $2, transfer_id = $3, error = NULL, updated_at = $4"
                 " WHERE id = $1 AND status IN ('debited', 'unknown')",
                 wid, PAID, transfer_id, now,
             )
-        )
+            if n:
+                # The settlements it pays are paid, by this transfer.
+                await stl.complete_payout(tx, wid, transfer_id, now, decimals)
+
+        await self.writer.submit(op)
 
     async def _reverse(self, wid: str, error: str) -> None:
         now = now_ms()
@@ -537,6 +572,8 @@ class Topups:
                          "connect_payout_reversal", f"connect_reversal:{wid}"),
                 now=now,
             )
+            # The settlements it was to pay are unpaid again, with their money back.
+            await stl.release_payout(tx, wid)
 
         await self.writer.submit(op)
 

@@ -13,6 +13,12 @@ Money moves only on verified events, exactly once:
   When the payout's outcome is unknown (broadcast may or may not have happened)
   the hold stays pending and the withdrawal is marked ``unknown``: refunding it
   blindly could pay twice. ``reconcile_onchain`` settles it from the chain's logs.
+- A withdrawal from a provider's earnings pays settlements (see
+  ``billing.settlements``): its amount is the net of the settled-but-unpaid
+  settlements it pays, they are claimed (``paying``) in the hold's
+  transaction, completed with the payout's tx hash in the transaction that
+  posts the hold, and unpaid again in the one that voids it. Without such
+  settlements nothing leaves earnings.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import Any
 
 from eth_utils import is_address, to_checksum_address
 
+from billing import settlements as stl
 from billing.errors import BillingError, PaymentRejected, PayoutFailed, UpstreamRailError
 from billing.rails.evm import TRANSFER_TOPIC, EvmClient
 from ledger import journal as j
@@ -65,6 +72,14 @@ REVERSED = "reversed"  # Connect: the transfer failed and the debit was reversed
 class InsufficientBalance(BillingError):
     status = 402
     code = "insufficient_balance"
+
+
+class InsufficientEarnings(BillingError):
+    """Earnings do not cover the net of the settlements a payout pays (never expected:
+    settlements are the only way out of earnings)."""
+
+    status = 409
+    code = "insufficient_earnings"
 
 
 class WalletNotConfigured(BillingError):
@@ -189,8 +204,11 @@ async def _resolve_hold(tx: Tx, hold_id: str, status: str, now: int) -> bool:
     return n == 1
 
 
-async def post_withdrawal_hold(tx: Tx, w: Row, tx_hash: str | None, now: int) -> bool:
-    """The payout happened: the held money leaves the system (holding -> world)."""
+async def post_withdrawal_hold(
+    tx: Tx, w: Row, tx_hash: str | None, now: int, decimals: int = 6
+) -> bool:
+    """The payout happened: the held money leaves the system (holding -> world), and the
+    settlements it pays are completed with its tx hash (the withdrawal id without one)."""
     if not await _resolve_hold(tx, w["hold_id"], "posted", now):
         return False
     await tx.transfer(
@@ -199,13 +217,16 @@ async def post_withdrawal_hold(tx: Tx, w: Row, tx_hash: str | None, now: int) ->
         now=now,
     )
     await _set_status(tx, w["id"], PAID, now, tx_hash=tx_hash, error=None)
+    await stl.complete_payout(tx, w["id"], tx_hash or w["id"], now, decimals)
     return True
 
 
 async def void_withdrawal_hold(tx: Tx, w: Row, error: str, now: int) -> bool:
-    """The payout did not happen: the held money goes back where it came from."""
+    """The payout did not happen: the held money goes back where it came from, and the
+    settlements it was to pay are unpaid again."""
     if not await _resolve_hold(tx, w["hold_id"], "voided", now):
         return False
+    await stl.release_payout(tx, w["id"])
     source = _account_from_id(w["source_account"], w["asset"])
     await tx.transfer(
         Transfer(new_id("tr"), j.holding(w["asset"]), source, int(w["amount"]),
@@ -231,6 +252,7 @@ class EvmWalletConfig:
     confirmations: int
     chain_id: int
     asset: str  # the ledger asset the token is booked as (same smallest unit)
+    decimals: int = 6  # the asset's decimals (settlement.completed events render amounts)
 
 
 def chain_names(chain_id: int) -> set[str]:
@@ -337,24 +359,37 @@ class EvmWallets:
     # -- withdrawals ---------------------------------------------------------------
 
     async def withdraw(
-        self, owner_id: str, source: Account, amount: int, to_address: str
+        self, owner_id: str, source: Account, amount: int | None, to_address: str,
+        *, plan: stl.PayoutPlan | None = None,
     ) -> Row:
-        """Hold, pay on chain, then post or void. Returns the final withdrawal row."""
+        """Hold, pay on chain, then post or void. Returns the final withdrawal row.
+
+        From earnings, ``plan`` names the settlements paid (``stl.plan_payout``)
+        and the amount is their net; without one, the oldest unpaid settlements
+        whose net is exactly ``amount`` are planned here.
+        """
         if not self.can_withdraw:
             raise WalletNotConfigured("on-chain withdrawals are off: no hot wallet is configured")
         if not isinstance(to_address, str) or not is_address(to_address):
             raise BillingError("to_address is not an EVM address", code="invalid_address", status=422)
         to = to_checksum_address(to_address)
         asset = self.config.asset
+        plan, amount = await settlement_plan(self.store, owner_id, source, asset, amount, plan)
         wid, hold_id, now = new_id("wd"), "hw" + new_id("wd"), now_ms()
 
         async def hold(tx: Tx) -> bool:
+            if plan is not None:
+                # Claimed before the debit (the lock order of PATCH pay: settlement, then
+                # account); any refusal below raises, so claim and debit roll back together.
+                await stl.claim_payout(tx, owner_id, asset, wid, plan, now)
             ok = await tx.transfer(
                 Transfer(new_id("tr"), source, j.holding(asset), amount, "hold",
                          f"hold:{hold_id}", hold_id=hold_id),
                 guard=True, now=now,
             )
             if not ok:
+                if plan is not None:
+                    raise InsufficientEarnings("the provider's earnings do not cover these settlements")
                 return False
             await tx.execute(
                 "INSERT INTO holds (id, account_id, asset, amount, status, usage_id, expires_at,"
@@ -388,7 +423,7 @@ class EvmWallets:
                     "UPDATE withdrawals SET from_block = $2 WHERE id = $1", wid, from_block
                 )
             )
-        except Exception as exc:  # noqa: BLE001 - nothing was sent yet: any failure is clean
+        except Exception as exc:  # nothing was sent yet: any failure is clean
             return await self._void(w, f"EVM node unreachable: {exc}")
         try:
             tx_hash = await self.evm.send_token(w["destination"], int(w["amount"]), token=self.config.token)
@@ -407,7 +442,8 @@ class EvmWallets:
 
     async def _post(self, w: Row, tx_hash: str | None) -> None:
         now = now_ms()
-        await self.writer.submit(lambda tx: post_withdrawal_hold(tx, w, tx_hash, now))
+        decimals = self.config.decimals
+        await self.writer.submit(lambda tx: post_withdrawal_hold(tx, w, tx_hash, now, decimals))
 
     async def _void(self, w: Row, error: str) -> Row:
         now = now_ms()
@@ -519,6 +555,30 @@ def _hex_str(value: Any) -> str:
 
 def _log_value(data: Any) -> int:
     return int(_hex_str(data), 16)
+
+
+async def settlement_plan(
+    store: Store, owner_id: str, source: Account, asset: str, amount: int | None,
+    plan: stl.PayoutPlan | None,
+) -> tuple[stl.PayoutPlan | None, int]:
+    """The settlements a withdrawal pays, and its amount: (None, amount) from a wallet.
+
+    Earnings leave only against settled-but-unpaid settlements, whose net is
+    the amount; a wallet withdrawal pays none and needs an amount.
+    """
+    if source.kind != "earnings":
+        if plan is not None:
+            raise BillingError("only a withdrawal from earnings pays settlements",
+                               code="validation_error", status=422)
+        if amount is None or amount <= 0:
+            raise BillingError("amount must be greater than zero", code="invalid_amount", status=422)
+        return None, amount
+    if plan is None:
+        plan = await stl.plan_payout(store, owner_id, asset, amount=amount)
+    elif amount is not None and amount != plan.amount:
+        raise BillingError(f"amount {amount} is not the net of these settlements ({plan.amount})",
+                           code="amount_mismatch", status=422)
+    return plan, plan.amount
 
 
 def withdrawal_view(w: Row) -> dict[str, Any]:

@@ -152,6 +152,7 @@ async def on_startup(app: web.Application, rt: Runtime) -> None:
             cooldown_seconds=s.auto_topup_cooldown_seconds,
             connect_refresh_url=s.stripe_connect_refresh_url,
             connect_return_url=s.stripe_connect_return_url,
+            decimals=s.asset_decimals,
         ),
     )
     await topups.refresh_auto_owners()

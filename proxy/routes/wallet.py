@@ -3,6 +3,12 @@
 Every route answers for the caller's own wallet only: the owner is the key's
 owner, never a field of the request. Amounts are decimal strings here and
 integers everywhere below.
+
+A provider's withdrawal from earnings pays settlements (``billing.settlements``):
+``settlement_id`` or ``settlement_ids`` name them (``source`` then defaults to
+``earnings``), or ``amount`` alone takes the oldest unpaid settlements whose
+nets add up to it exactly, or neither takes the oldest unpaid one. The amount
+paid is always their net; the withdrawal lists them in ``settlement_ids``.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
+from billing import settlements as stl
 from billing.money import AmountError, format_amount, parse_amount
 from billing.rails.evm import EvmClient
 from billing.wallets import (
@@ -76,11 +83,18 @@ def _line_view(rt: Runtime, line: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def render_withdrawal(rt: Runtime, w: Any) -> dict[str, Any]:
+def render_withdrawal(rt: Runtime, w: Any, settlement_ids: list[str] | None = None) -> dict[str, Any]:
     out = withdrawal_view(w)
     out["amount_units"] = out["amount"]
     out["amount"] = _fmt(rt, out["amount"])
+    # The settlements a payout from earnings pays (empty for a wallet withdrawal).
+    out["settlement_ids"] = list(settlement_ids or [])
     return out
+
+
+async def render_withdrawals(rt: Runtime, rows: list[Any]) -> list[dict[str, Any]]:
+    paid = await stl.payout_settlement_ids(rt.store, [str(w["id"]) for w in rows])
+    return [render_withdrawal(rt, w, paid[str(w["id"])]) for w in rows]
 
 
 # --------------------------------------------------------------------------- reads
@@ -131,7 +145,7 @@ async def transactions(request: web.Request) -> web.Response:
 async def withdrawals(request: web.Request) -> web.Response:
     rt, key = await _caller(request)
     rows = await list_withdrawals(rt.store, key.owner_id)
-    return json_response({"withdrawals": [render_withdrawal(rt, w) for w in rows]})
+    return json_response({"withdrawals": await render_withdrawals(rt, rows)})
 
 
 # --------------------------------------------------------------------------- deposits
@@ -176,32 +190,68 @@ async def deposit(request: web.Request) -> web.Response:
 # --------------------------------------------------------------------------- withdrawals
 
 
+def _settlement_ids(data: dict[str, Any]) -> list[str] | None:
+    """``settlement_id`` (one) or ``settlement_ids`` (a list), or None."""
+    one, many = data.get("settlement_id"), data.get("settlement_ids")
+    if one is not None and many is not None:
+        raise fail("settlement_ids", "give settlement_id or settlement_ids, not both")
+    if one is not None:
+        many = [one]
+    if many is None:
+        return None
+    if (
+        not isinstance(many, list) or not many
+        or not all(isinstance(x, str) and x.strip() and len(x) <= 128 for x in many)
+    ):
+        raise fail("settlement_ids", "settlement_ids must be a non-empty list of settlement ids")
+    if len(many) > stl.MAX_PAYOUT_SETTLEMENTS:
+        raise fail("settlement_ids", f"at most {stl.MAX_PAYOUT_SETTLEMENTS} settlements per payout")
+    if len(set(many)) != len(many):
+        raise fail("settlement_ids", "settlement_ids has duplicates")
+    return [x.strip() for x in many]
+
+
 async def withdraw(request: web.Request) -> web.Response:
     rt, key = await _caller(request)
     data = await read_json(request)
-    amount = _amount(rt, data)
-    source_name = opt_str(data, "source", default="wallet", max_len=20) or "wallet"
+    settlement_ids = _settlement_ids(data)
+    default_source = "earnings" if settlement_ids else "wallet"
+    source_name = opt_str(data, "source", default=default_source, max_len=20) or default_source
     if source_name not in ("wallet", "earnings"):
         raise fail("source", "source must be wallet or earnings")
     if source_name == "earnings" and key.role != "provider":
         raise fail("source", "only providers have earnings to withdraw")
-    source = source_account(key.owner_id, source_name, rt.settings.default_asset)
+    if settlement_ids and source_name != "earnings":
+        raise fail("settlement_ids", "settlements are paid from earnings (source earnings)")
+    # From earnings the amount is the settlements' net: optional, checked if given.
+    amount = _amount(rt, data) if source_name == "wallet" or data.get("amount") is not None else None
+    asset = rt.settings.default_asset
+    source = source_account(key.owner_id, source_name, asset)
     method = data.get("method")
     chain = data.get("chain")
     if method is None:
         method = "stripe_connect" if isinstance(chain, str) and chain.lower() in CONNECT_METHODS else "onchain"
+    if method not in CONNECT_METHODS and method != "onchain":
+        raise fail("method", "method must be onchain or stripe_connect")
+    plan: stl.PayoutPlan | None = None
     if method in CONNECT_METHODS:
         from proxy.routes.stripe_routes import topups_of
 
-        w = await topups_of(rt).withdraw_to_connect(key.owner_id, source, amount)
-    elif method == "onchain":
+        topups = topups_of(rt)
+        if source_name == "earnings":
+            plan = await stl.plan_payout(rt.store, key.owner_id, asset,
+                                         settlement_ids=settlement_ids, amount=amount)
+        w = await topups.withdraw_to_connect(key.owner_id, source, amount, plan=plan)
+    else:
         wallets = evm_wallets(rt)
         _check_chain(rt, data)
         to_address = req_str(data, "to_address", max_len=100)
-        w = await wallets.withdraw(key.owner_id, source, amount, to_address)
-    else:
-        raise fail("method", "method must be onchain or stripe_connect")
-    view = render_withdrawal(rt, w)
+        if source_name == "earnings":
+            plan = await stl.plan_payout(rt.store, key.owner_id, asset,
+                                         settlement_ids=settlement_ids, amount=amount)
+        w = await wallets.withdraw(key.owner_id, source, amount, to_address, plan=plan)
+    paid = list(plan.settlement_ids) if plan is not None else []
+    view = render_withdrawal(rt, w, paid)
     if w["status"] == PAID:
         return json_response({"withdrawal": view})
     if w["status"] == UNKNOWN:
@@ -212,7 +262,7 @@ async def withdraw(request: web.Request) -> web.Response:
         what = "hold was voided" if w["status"] == FAILED else "debit was reversed"
         raise ApiError(
             502, "payout_failed", f"the payout failed and the {what}: {w['error']}",
-            withdrawal_id=w["id"],
+            withdrawal_id=w["id"], settlement_ids=paid,
         )
     return json_response({"withdrawal": view}, status=202)
 
@@ -233,7 +283,7 @@ async def on_startup(app: web.Application, rt: Runtime) -> None:
     )
     config = EvmWalletConfig(
         token=s.evm_token_address, pay_to=s.evm_pay_to, confirmations=s.evm_confirmations,
-        chain_id=s.evm_chain_id, asset=s.default_asset,
+        chain_id=s.evm_chain_id, asset=s.default_asset, decimals=s.asset_decimals,
     )
     wallets = EvmWallets(rt.store, rt.writer, evm, config)
     rt.evm_wallets = wallets  # type: ignore[attr-defined]
