@@ -9,6 +9,7 @@ Acceptance (issue 5):
 - 50 concurrent calls that cross the auto top-up threshold give exactly one
   off-session PaymentIntent;
 - a failed Connect transfer reverses its debit;
+- a Connect payout of earnings pays settlements, once, and a failed one leaves them unpaid;
 - ``ledger verify`` is clean after each.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime as dt
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -23,6 +25,7 @@ from typing import Any
 import pytest
 
 from ledger import journal as j
+from ledger.journal import now_ms
 from ledger.verify import verify
 from tests.support.stripe_server import StripeServer, sign_webhook, stripe_server_fixture
 from tests.support.tollway import InProcess, start_inprocess
@@ -340,4 +343,132 @@ async def test_connect_outage_is_looked_up_not_reversed_blindly(
     st, body, _ = await tw.api("GET", "/api/v1/wallet/withdrawals", prov)
     assert [w["status"] for w in body["withdrawals"]] == ["reversed"]
     assert await wallet_units(tw, "acme") == 5 * 10**6
+    await assert_ledger_clean(tw)
+
+
+# --------------------------------------------------------------------------- Connect payouts of earnings pay settlements
+
+DAY = 86_400_000
+
+
+def _iso(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+async def _connected_provider(
+    tw: InProcess, server: StripeServer, upstream: Upstream, owner: str, calls: int
+) -> tuple[str, str, dict]:
+    """A provider onboarded to Connect, with ``calls`` paid calls of 0.10 settled (net 0.09 each)."""
+    prov = await tw.key(owner, "provider")
+    st, body, _ = await tw.api("POST", "/api/v1/stripe/connect", prov)
+    assert st == 201, body
+    server.complete_onboarding(body["account_id"])
+    sid = await tw.service(prov, upstream.url, price="0.10")
+    buyer = await tw.key(f"buyer_of_{owner}")
+    await tw.credit(f"buyer_of_{owner}", "20.00")
+    for _ in range(calls):
+        assert (await tw.call(sid, "ok", buyer))[0] == 200
+    now = now_ms()
+    st, s, _ = await tw.api("POST", "/api/v1/settlements", tw.admin, json={
+        "provider_id": owner, "period_start": _iso(now - DAY), "period_end": _iso(now + DAY)})
+    assert st == 201 and s["net_units"] == calls * 90_000, s
+    return prov, body["account_id"], s
+
+
+async def earnings_units(tw: InProcess, owner: str) -> int:
+    v = await tw.rt.store.fetchval(
+        "SELECT balance FROM accounts WHERE id = $1", j.earnings(owner, "USDC").id
+    )
+    return int(v or 0)
+
+
+async def test_connect_payout_of_earnings_pays_settlement_and_a_failed_one_leaves_it_unpaid(
+    tw: InProcess, stripe_server: StripeServer, upstream: Upstream
+) -> None:
+    prov, account_id, s1 = await _connected_provider(tw, stripe_server, upstream, "conn", 5)
+    net = s1["net_units"]
+    assert await earnings_units(tw, "conn") == net
+
+    # The transfer fails: the debit is reversed, the settlement is unpaid again.
+    stripe_server.fail_next_transfer()
+    st, err, _ = await tw.api("POST", "/api/v1/wallet/withdraw", prov,
+                              json={"settlement_id": s1["id"], "method": "stripe_connect"})
+    assert st == 502 and err["error"]["code"] == "payout_failed", err
+    assert err["error"]["settlement_ids"] == [s1["id"]]
+    assert await earnings_units(tw, "conn") == net
+    st, back, _ = await tw.api("GET", f"/api/v1/settlements/{s1['id']}", prov)
+    assert (back["status"], back["payment_tx"], back["withdrawal_id"]) == ("pending", None, None)
+    assert stripe_server.transfers == {}
+    await assert_ledger_clean(tw)
+
+    # Again: the transfer is made for exactly the net, and it pays the settlement.
+    st, body, _ = await tw.api("POST", "/api/v1/wallet/withdraw", prov,
+                               json={"source": "earnings", "method": "stripe_connect"})
+    assert st == 200, body
+    w = body["withdrawal"]
+    (transfer,) = stripe_server.transfers.values()
+    assert transfer["amount"] == net // UNITS_PER_CENT and transfer["destination"] == account_id
+    assert (w["status"], w["source"], w["amount_units"], w["settlement_ids"], w["transfer_id"]) == (
+        "paid", "earnings", net, [s1["id"]], transfer["id"])
+    st, paid, _ = await tw.api("GET", f"/api/v1/settlements/{s1['id']}", prov)
+    assert (paid["status"], paid["payment_tx"], paid["withdrawal_id"]) == ("completed", transfer["id"], w["id"])
+    assert await earnings_units(tw, "conn") == 0
+    # Paid by the Connect payout: PATCH pay and another payout are refused.
+    st, err, _ = await tw.api("PATCH", f"/api/v1/settlements/{s1['id']}/pay", tw.admin,
+                              json={"payment_tx": "0x1"})
+    assert st == 409 and err["error"]["code"] == "already_paid", err
+    st, err, _ = await tw.api("POST", "/api/v1/wallet/withdraw", prov,
+                              json={"settlement_id": s1["id"], "method": "stripe_connect"})
+    assert st == 409 and err["error"]["code"] == "already_paid", err
+    assert len(stripe_server.requests_to("POST", "/v1/transfers")) == 2
+    await assert_ledger_clean(tw)
+
+
+async def test_connect_payout_needs_an_unpaid_settlement_and_patch_pay_first_wins(
+    tw: InProcess, stripe_server: StripeServer, upstream: Upstream
+) -> None:
+    prov, _, s1 = await _connected_provider(tw, stripe_server, upstream, "conn2", 3)
+    st, _, _ = await tw.api("PATCH", f"/api/v1/settlements/{s1['id']}/pay", tw.admin,
+                            json={"payment_tx": "ach-9"})
+    assert st == 200
+    # Earnings from calls not settled yet cannot be paid out by any request.
+    buyer = await tw.key("late_buyer")
+    await tw.credit("late_buyer", "1.00")
+    service_id = await tw.rt.store.fetchval("SELECT id FROM services WHERE provider_id = 'conn2'")
+    assert (await tw.call(service_id, "ok", buyer))[0] == 200
+    assert await earnings_units(tw, "conn2") == 90_000
+    for body in ({"settlement_id": s1["id"]}, {"source": "earnings", "amount": "0.09"},
+                 {"source": "earnings"}):
+        st, err, _ = await tw.api("POST", "/api/v1/wallet/withdraw", prov,
+                                  json={"method": "stripe_connect", **body})
+        assert st == 409 and err["error"]["code"] in ("already_paid", "no_unpaid_settlement"), (body, err)
+    assert stripe_server.requests_to("POST", "/v1/transfers") == []
+    assert await earnings_units(tw, "conn2") == 90_000
+    st, s, _ = await tw.api("GET", f"/api/v1/settlements/{s1['id']}", prov)
+    assert (s["status"], s["payment_tx"], s["withdrawal_id"]) == ("completed", "ach-9", None)
+    await assert_ledger_clean(tw)
+
+
+async def test_connect_outage_keeps_the_settlement_paying_then_reversal_unpays_it(
+    tw: InProcess, stripe_server: StripeServer, upstream: Upstream
+) -> None:
+    prov, _, s1 = await _connected_provider(tw, stripe_server, upstream, "conn3", 2)
+    stripe_server.fail_next_transfer(status=500, error_type="api_error", code="", message="boom")
+    st, body, _ = await tw.api("POST", "/api/v1/wallet/withdraw", prov,
+                               json={"settlement_id": s1["id"], "method": "stripe_connect"})
+    assert st == 202 and body["withdrawal"]["status"] == "unknown", body
+    st, s, _ = await tw.api("GET", f"/api/v1/settlements/{s1['id']}", prov)
+    assert s["status"] == "paying"
+    st, err, _ = await tw.api("PATCH", f"/api/v1/settlements/{s1['id']}/pay", tw.admin,
+                              json={"payment_tx": "x"})
+    assert st == 409 and err["error"]["code"] == "payout_in_progress"
+    assert await earnings_units(tw, "conn3") == 0
+    await assert_ledger_clean(tw)
+
+    topups = tw.rt.topups  # type: ignore[attr-defined]
+    topups.config = dataclasses.replace(topups.config, connect_unknown_grace_seconds=0)
+    await topups.reconcile_connect()
+    st, s, _ = await tw.api("GET", f"/api/v1/settlements/{s1['id']}", prov)
+    assert (s["status"], s["withdrawal_id"]) == ("pending", None)
+    assert await earnings_units(tw, "conn3") == s1["net_units"]
     await assert_ledger_clean(tw)
