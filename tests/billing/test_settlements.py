@@ -303,3 +303,95 @@ async def test_concurrent_overlapping_settlements_never_share_a_charge(store: St
             want["gross"], want["fee"], want["share"], want["count"])
     assert sum(int(s["call_count"]) for s in made.values()) == 600
     assert all(s["status"] == "pending" for s in made.values())
+
+
+async def test_payouts_of_earnings_take_unpaid_settlements_exactly_once(store: Store):
+    """The billing rules under the withdrawal routes: which settlements a payout of
+    earnings pays (named, or the oldest whose nets add up to its amount exactly),
+    claimed with its debit, completed or released with its outcome; PATCH pay and a
+    payout never both pay one settlement."""
+    import pytest
+
+    from billing import settlements as stl
+    from billing.errors import BillingError
+    from ledger.journal import Transfer, new_id
+
+    def ms(*ymd: int) -> int:
+        return int(dt.datetime(*ymd, tzinfo=dt.UTC).timestamp() * 1000)
+
+    months = [ms(2025, 1, 1), ms(2025, 2, 1), ms(2025, 3, 1), ms(2025, 4, 1)]
+    for m, n in zip(months[:3], (3, 2, 4), strict=True):
+        await _generate(store, "p_pay", n, m, 10_000, 1_000)
+    policy = stl.FeePolicy(1000)
+    s1, s2, s3 = [
+        (await stl.create_settlement(store, policy, "p_pay", "USDC", a, b)).settlement
+        for a, b in zip(months, months[1:], strict=False)
+    ]
+    assert [int(s["net"]) for s in (s1, s2, s3)] == [27_000, 18_000, 36_000]
+    earn = j.earnings("p_pay", "USDC")
+
+    async def refused(code: str, **kw) -> None:
+        with pytest.raises(BillingError) as e:
+            await stl.plan_payout(store, "p_pay", "USDC", **kw)
+        assert e.value.code == code, e.value.message
+
+    assert await stl.plan_payout(store, "p_pay", "USDC") == stl.PayoutPlan((s1["id"],), 27_000)
+    assert await stl.plan_payout(store, "p_pay", "USDC", amount=45_000) == stl.PayoutPlan(
+        (s1["id"], s2["id"]), 45_000)
+    assert await stl.plan_payout(store, "p_pay", "USDC", settlement_ids=[s3["id"], s2["id"]]) == stl.PayoutPlan(
+        (s3["id"], s2["id"]), 54_000)
+    await refused("no_matching_settlement", amount=18_000)  # s2 alone is not the oldest
+    await refused("no_matching_settlement", amount=30_000)
+    await refused("amount_mismatch", settlement_ids=[s1["id"]], amount=1)
+    await refused("settlement_not_found", settlement_ids=["stl_nope"])
+    with pytest.raises(BillingError) as e:
+        await stl.plan_payout(store, "someone_else", "USDC", settlement_ids=[s1["id"]])
+    assert e.value.code == "settlement_not_found"
+
+    async def claim_and_debit(wid: str, plan: stl.PayoutPlan) -> None:
+        async with store.transaction() as tx:
+            await stl.claim_payout(tx, "p_pay", "USDC", wid, plan, now_ms())
+            assert await tx.transfer(Transfer(new_id("tr"), earn, j.world("USDC"), plan.amount,
+                                              "connect_payout", f"connect_payout:{wid}"), guard=True)
+
+    async def status(s) -> tuple[str, str | None, str | None]:
+        r = await stl.get(store, s["id"])
+        return r["status"], r["withdrawal_id"], r["payment_tx"]
+
+    plan = await stl.plan_payout(store, "p_pay", "USDC", amount=45_000)
+    await claim_and_debit("wd_a", plan)
+    assert await status(s1) == await status(s2) == ("paying", "wd_a", None)
+    # Being paid: neither PATCH pay nor another payout may pay it, and a failed claim debits nothing.
+    with pytest.raises(BillingError) as e:
+        await stl.pay(store, s1["id"], "0xmanual", 6)
+    assert e.value.code == "payout_in_progress"
+    with pytest.raises(BillingError) as e:
+        await claim_and_debit("wd_b", plan)
+    assert e.value.code == "payout_in_progress"
+    assert await balance(store, earn.id) == 36_000
+    await refused("payout_in_progress", settlement_ids=[s2["id"]])
+    # Failed: unpaid again (the caller returns the money in the same transaction).
+    async with store.transaction() as tx:
+        assert await stl.release_payout(tx, "wd_a") == 2
+        await tx.transfer(Transfer(new_id("tr"), j.world("USDC"), earn, 45_000, "connect_payout_reversal",
+                                   "connect_reversal:wd_a"))
+    assert await status(s1) == ("pending", None, None)
+    # Again, and made: completed with the payout's reference.
+    await claim_and_debit("wd_c", plan)
+    async with store.transaction() as tx:
+        assert await stl.complete_payout(tx, "wd_c", "tr_123", now_ms(), 6) == 2
+        assert await stl.release_payout(tx, "wd_c") == 0  # a completed payout is never released
+    assert await status(s1) == await status(s2) == ("completed", "wd_c", "tr_123")
+    with pytest.raises(BillingError) as e:
+        await stl.pay(store, s2["id"], "0xmanual", 6)
+    assert e.value.code == "already_paid" and "wd_c" in e.value.message
+    assert await stl.payout_settlement_ids(store, ["wd_a", "wd_c", "wd_x"]) == {
+        "wd_a": sorted([s1["id"], s2["id"]]), "wd_c": sorted([s1["id"], s2["id"]]), "wd_x": []}
+    # What is left: s3, paid outside Tollway; then nothing.
+    await stl.pay(store, s3["id"], "wire", 6)
+    await refused("no_unpaid_settlement")
+    assert await balance(store, earn.id) == 0
+    from ledger.verify import verify
+
+    report = await verify(store)
+    assert report.ok, report.render()
