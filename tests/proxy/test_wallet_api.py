@@ -130,3 +130,28 @@ async def test_stripe_edge_validation_and_roles(db_url: str, tmp_path, stripe_se
     finally:
         await tw.close()
 
+
+
+async def test_settlement_fields_of_a_withdrawal_are_checked_first(tollway: InProcess) -> None:
+    """settlement_id / settlement_ids are validated before any rail or store work;
+    naming settlements makes the source earnings, which only providers have."""
+    prov = await tollway.key("prov", "provider")
+    buyer = await tollway.key("bea")
+    cases = [
+        (prov, {"settlement_id": "stl_a", "settlement_ids": ["stl_b"]}, "settlement_ids"),
+        (prov, {"settlement_ids": "stl_a"}, "settlement_ids"),
+        (prov, {"settlement_ids": []}, "settlement_ids"),
+        (prov, {"settlement_ids": ["stl_a", "stl_a"]}, "settlement_ids"),
+        (prov, {"settlement_id": 7}, "settlement_ids"),
+        (prov, {"settlement_id": "stl_a", "source": "wallet", "amount": "1.00"}, "settlement_ids"),
+        (buyer, {"settlement_id": "stl_a"}, "source"),
+    ]
+    for auth, body, field in cases:
+        st, data, _ = await tollway.api("POST", "/api/v1/wallet/withdraw", auth, json=body)
+        assert (st, data["error"]["code"], data["error"].get("field")) == (422, "validation_error", field), (
+            body, data)
+    # From earnings the amount is optional (the settlements' net); the rail is checked next.
+    st, data, _ = await tollway.api("POST", "/api/v1/wallet/withdraw", prov, json={"settlement_id": "stl_a"})
+    assert (st, data["error"]["code"]) == (503, "evm_not_configured"), data
+    report = await verify(tollway.rt.store)
+    assert report.ok, report.render()
