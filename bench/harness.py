@@ -458,6 +458,13 @@ def run_bare(
     try:
         out["startup_s"] = T.wait_health(base, p, 20)
         out["scenarios"] = {"pass": drv.closed(f"{base}/proxy/json", [], 200)}
+        if full:
+            # The first peak sets the fixed rate of every half-load point: take the better
+            # of two tries, so that a burst of other work on the machine does not set it.
+            again = drv.closed(f"{base}/proxy/json", [], 200)
+            out["pass_tries_rps"] = [out["scenarios"]["pass"]["rps"], again["rps"]]
+            if again["rps"] > out["scenarios"]["pass"]["rps"]:
+                out["scenarios"]["pass"] = again
         log(f"{label}: pass-through {out['scenarios']['pass']['rps']:.0f} req/s")
         half = rate or out["scenarios"]["pass"]["rps"] / 2
         out["scenarios"]["half_load"] = drv.fixed_rate(f"{base}/proxy/json", [], half)
