@@ -13,14 +13,15 @@ Definitions (per provider and asset):
 - ``balance``: the provider's earnings account, what is owed and not paid out;
 - ``earned``: everything credited to earnings: call-time shares (``charge``)
   corrected by settlement fee adjustments;
-- ``paid_out``: ``earned - balance``, whatever left earnings by any payout
-  path (settlement ``payout`` transfers, which ``settlement_payouts`` counts
-  alone, and withdrawals or Connect payouts of other features);
+- ``paid_out``: ``earned - balance``, whatever left earnings; every way out
+  pays settlements (PATCH pay, or a withdrawal on chain or through Connect),
+  so it equals ``settlement_payouts`` (completed settlements) plus payouts
+  still in flight (settlements ``paying``);
 - ``unsettled``: the provider share (``charge`` transfers) of charges no
   settlement holds yet;
 - ``settled_unpaid``: net of settlements fixed but not yet paid.
 
-While settlement payouts are the only way out of earnings, these satisfy
+Since settlement payouts are the only way out of earnings, these satisfy
 ``balance == unsettled + settled_unpaid`` (tested).
 """
 
@@ -123,9 +124,6 @@ async def earnings(store: Store, provider_id: str, asset: str) -> dict[str, int]
             "SELECT COALESCE(SUM(amount), 0) FROM transfers WHERE debit_account = $1 AND kind = 'settlement_fee'",
             acct,
         ))
-        settlement_payouts = _i(await tx.fetchval(
-            "SELECT COALESCE(SUM(amount), 0) FROM transfers WHERE debit_account = $1 AND kind = 'payout'", acct
-        ))
         unsettled = _i(await tx.fetchval(
             "SELECT COALESCE(SUM(t.amount), 0) FROM transfers t"
             " WHERE t.credit_account = $1 AND t.kind = 'charge'"
@@ -146,7 +144,8 @@ async def earnings(store: Store, provider_id: str, asset: str) -> dict[str, int]
         "balance": balance,
         "earned": credited - adjusted,
         "paid_out": credited - adjusted - balance,
-        "settlement_payouts": settlement_payouts,
+        # Settlements paid by any path (PATCH pay, an on-chain or Connect withdrawal).
+        "settlement_payouts": _i(srow["paid"]),
         "unsettled": unsettled,
         "settled_unpaid": _i(srow["unpaid"]),
         "settled_paid": _i(srow["paid"]),
