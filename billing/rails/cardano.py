@@ -258,7 +258,7 @@ def _address_key(addr: str) -> bytes | str:
     """
     try:
         return bytes(Address.from_primitive(addr).to_primitive())
-    except Exception:  # noqa: BLE001 - any parse failure means "compare as text"
+    except Exception:
         return addr
 
 

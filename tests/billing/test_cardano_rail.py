@@ -161,7 +161,7 @@ def ada_invoice(provider: Wallet, partner: Wallet) -> ExpectedPayment:
 
 
 @pytest.fixture
-async def rail(blockfrost_server: BlockfrostServer) -> AsyncIterator[CardanoRail]:  # noqa: F811
+async def rail(blockfrost_server: BlockfrostServer) -> AsyncIterator[CardanoRail]:
     async with CardanoRail(
         blockfrost_server.url, blockfrost_server.project_id, network=NETWORK
     ) as rail:
@@ -172,7 +172,7 @@ async def rail(blockfrost_server: BlockfrostServer) -> AsyncIterator[CardanoRail
 
 
 async def test_signed_cbor_with_right_outputs_is_accepted_and_submitted(
-    blockfrost_server: BlockfrostServer,  # noqa: F811
+    blockfrost_server: BlockfrostServer,
     rail: CardanoRail,
     payer: Wallet,
     provider: Wallet,
@@ -201,7 +201,7 @@ async def test_signed_cbor_with_right_outputs_is_accepted_and_submitted(
 
 
 async def test_native_asset_payment_is_accepted(
-    blockfrost_server: BlockfrostServer,  # noqa: F811
+    blockfrost_server: BlockfrostServer,
     rail: CardanoRail,
     payer: Wallet,
     provider: Wallet,
@@ -228,7 +228,7 @@ async def test_native_asset_payment_is_accepted(
     ],
 )
 async def test_wrong_native_asset_or_amount_is_refused(
-    blockfrost_server: BlockfrostServer,  # noqa: F811
+    blockfrost_server: BlockfrostServer,
     rail: CardanoRail,
     payer: Wallet,
     provider: Wallet,
@@ -244,7 +244,7 @@ async def test_wrong_native_asset_or_amount_is_refused(
 
 
 async def test_token_invoice_is_not_paid_by_lovelace_to_the_address(
-    blockfrost_server: BlockfrostServer,  # noqa: F811
+    blockfrost_server: BlockfrostServer,
     payer: Wallet,
     provider: Wallet,
 ) -> None:
@@ -257,7 +257,7 @@ async def test_token_invoice_is_not_paid_by_lovelace_to_the_address(
 
 
 async def test_wrong_amount_is_refused(
-    blockfrost_server: BlockfrostServer,  # noqa: F811
+    blockfrost_server: BlockfrostServer,
     rail: CardanoRail,
     payer: Wallet,
     provider: Wallet,
@@ -276,7 +276,7 @@ async def test_wrong_amount_is_refused(
 
 
 async def test_missing_split_output_is_refused(
-    blockfrost_server: BlockfrostServer,  # noqa: F811
+    blockfrost_server: BlockfrostServer,
     rail: CardanoRail,
     payer: Wallet,
     provider: Wallet,
@@ -302,7 +302,7 @@ async def test_missing_split_output_is_refused(
 
 
 async def test_one_output_cannot_pay_both_the_invoice_and_a_split_to_the_same_address(
-    blockfrost_server: BlockfrostServer,  # noqa: F811
+    blockfrost_server: BlockfrostServer,
     payer: Wallet,
     provider: Wallet,
 ) -> None:
@@ -328,7 +328,7 @@ async def test_one_output_cannot_pay_both_the_invoice_and_a_split_to_the_same_ad
 
 
 async def test_payment_to_another_address_is_refused(
-    blockfrost_server: BlockfrostServer,  # noqa: F811
+    blockfrost_server: BlockfrostServer,
     payer: Wallet,
     provider: Wallet,
 ) -> None:
@@ -343,7 +343,7 @@ async def test_payment_to_another_address_is_refused(
 
 
 async def test_witness_signed_over_another_body_is_refused(
-    blockfrost_server: BlockfrostServer,  # noqa: F811
+    blockfrost_server: BlockfrostServer,
     rail: CardanoRail,
     payer: Wallet,
     provider: Wallet,
@@ -369,7 +369,7 @@ async def test_witness_signed_over_another_body_is_refused(
 
 
 async def test_flipped_signature_byte_is_refused(
-    blockfrost_server: BlockfrostServer,  # noqa: F811
+    blockfrost_server: BlockfrostServer,
     rail: CardanoRail,
     payer: Wallet,
     provider: Wallet,
@@ -396,7 +396,7 @@ async def test_flipped_signature_byte_is_refused(
 
 
 async def test_required_signer_without_witness_and_unsigned_tx_are_refused(
-    blockfrost_server: BlockfrostServer,  # noqa: F811
+    blockfrost_server: BlockfrostServer,
     payer: Wallet,
     provider: Wallet,
 ) -> None:
@@ -415,7 +415,7 @@ async def test_required_signer_without_witness_and_unsigned_tx_are_refused(
 
 
 async def test_witness_for_the_spent_input_is_enforced_at_submit(
-    blockfrost_server: BlockfrostServer,  # noqa: F811
+    blockfrost_server: BlockfrostServer,
     rail: CardanoRail,
     payer: Wallet,
     provider: Wallet,
@@ -434,7 +434,7 @@ async def test_witness_for_the_spent_input_is_enforced_at_submit(
 
 
 async def test_resubmitting_a_spent_payment_is_refused_by_the_node(
-    blockfrost_server: BlockfrostServer,  # noqa: F811
+    blockfrost_server: BlockfrostServer,
     rail: CardanoRail,
     payer: Wallet,
     provider: Wallet,
@@ -460,7 +460,7 @@ async def test_malformed_cbor_is_refused(payload: str, provider: Wallet) -> None
 
 
 async def test_invalid_flag_and_foreign_network_id_are_refused(
-    blockfrost_server: BlockfrostServer,  # noqa: F811
+    blockfrost_server: BlockfrostServer,
     payer: Wallet,
     provider: Wallet,
 ) -> None:
@@ -479,7 +479,7 @@ async def test_invalid_flag_and_foreign_network_id_are_refused(
 
 
 async def test_tx_id_is_hashed_from_the_body_bytes_as_sent(
-    blockfrost_server: BlockfrostServer,  # noqa: F811
+    blockfrost_server: BlockfrostServer,
     rail: CardanoRail,
     payer: Wallet,
     provider: Wallet,
@@ -506,7 +506,7 @@ async def test_tx_id_is_hashed_from_the_body_bytes_as_sent(
 
 
 async def test_tx_hash_is_verified_against_the_backend(
-    blockfrost_server: BlockfrostServer,  # noqa: F811
+    blockfrost_server: BlockfrostServer,
     rail: CardanoRail,
     payer: Wallet,
     provider: Wallet,
@@ -562,7 +562,7 @@ async def test_unknown_or_malformed_tx_hash_is_refused(
     ],
 )
 async def test_tx_hash_with_wrong_outputs_is_refused(
-    blockfrost_server: BlockfrostServer,  # noqa: F811
+    blockfrost_server: BlockfrostServer,
     rail: CardanoRail,
     provider: Wallet,
     partner: Wallet,
@@ -584,7 +584,7 @@ async def test_tx_hash_with_wrong_outputs_is_refused(
 
 
 async def test_tx_hash_of_failed_script_tx_is_refused(
-    blockfrost_server: BlockfrostServer,  # noqa: F811
+    blockfrost_server: BlockfrostServer,
     rail: CardanoRail,
     provider: Wallet,
     partner: Wallet,
@@ -603,7 +603,7 @@ async def test_tx_hash_of_failed_script_tx_is_refused(
 
 
 async def test_wrong_project_id_or_dead_backend_is_an_upstream_error(
-    blockfrost_server: BlockfrostServer,  # noqa: F811
+    blockfrost_server: BlockfrostServer,
     ada_invoice: ExpectedPayment,
 ) -> None:
     async with CardanoRail(blockfrost_server.url, "not-the-key", network=NETWORK) as rail:
@@ -620,7 +620,7 @@ async def test_wrong_project_id_or_dead_backend_is_an_upstream_error(
 
 
 async def test_server_requires_project_id_like_blockfrost(
-    blockfrost_server: BlockfrostServer,  # noqa: F811
+    blockfrost_server: BlockfrostServer,
 ) -> None:
     import aiohttp
 

@@ -233,7 +233,7 @@ async def test_failures_back_off_into_a_visible_dead_letter(db_url: str, tmp_pat
         assert d["attempts"] == 3 and d["last_status"] == 500 and "500" in d["last_error"]
         assert len(rx.received) == 3
         # Backoff: 0.2 s after the first failure, 0.4 s after the second.
-        gaps = [b2["at"] - b1["at"] for b1, b2 in zip(rx.received, rx.received[1:])]
+        gaps = [b2["at"] - b1["at"] for b1, b2 in zip(rx.received, rx.received[1:], strict=False)]
         assert gaps[0] >= 0.19 and gaps[1] >= 0.39, gaps
         assert {x["delivery_id"] for x in [check_signed(r) for r in rx.received]} == {d["id"]}
         assert (await tw.api("GET", "/api/v1/webhooks/deliveries?status=dead", other))[1]["count"] == 0

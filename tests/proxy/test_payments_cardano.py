@@ -82,7 +82,7 @@ async def test_signed_cbor_with_right_outputs_is_accepted_and_submitted(
     assert (await verify(store)).ok
 
 
-async def test_cardano_refusals(setup, blockfrost_server: BlockfrostServer, upstream: Upstream):  # noqa: F811
+async def test_cardano_refusals(setup, blockfrost_server: BlockfrostServer, upstream: Upstream):
     tw, sid, provider, partner = setup
     hits = upstream.hits
     # a missing split output

@@ -377,7 +377,7 @@ class BlockfrostServer:
         try:
             tx = Transaction.from_cbor(raw)
             body_bytes = _raw_body(raw)
-        except Exception as exc:  # noqa: BLE001 - any decode failure is the client's
+        except Exception as exc:
             return _error(400, "Bad Request", f"transaction submit error: DeserialiseFailure {exc}")
         tx_id = _blake2b(body_bytes, 32).hex()
         problem = self._validate(tx, tx_id, _blake2b(body_bytes, 32))

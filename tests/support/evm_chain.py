@@ -106,7 +106,7 @@ class EvmChain:
                 "id": req_id,
                 "error": {"code": 3, "message": reason, "data": _revert_data(plain)},
             }
-        except Exception as exc:  # noqa: BLE001 - any node-side failure is a JSON-RPC error
+        except Exception as exc:
             return {
                 "jsonrpc": "2.0",
                 "id": req_id,
