@@ -929,12 +929,13 @@ def main(argv: list[str] | None = None) -> int:
     P.die_with_parent()  # if bench/run (or timeout) is killed, so are we, and our children
 
     cpus = plan_cpus(args.no_pin)
+    machine = machine_info()  # before pinning: it records the CPUs this run may use
     if cpus["load"]:
         os.sched_setaffinity(0, cpus["load"])  # harness, wrk, loadgen, curl inherit this
     modes = [] if args.modes == "none" else [ALL_MODES[m] for m in args.modes.split(",") if m]
     res: dict = {
         "started_at": stamp,
-        "machine": machine_info(),
+        "machine": machine,
         "pinning": {k: (sorted(v) if isinstance(v, set) else v) for k, v in cpus.items()},
         "settings": {k: v for k, v in vars(args).items()},
         "load_tool": "wrk" if shutil.which("wrk") and not args.no_wrk else "loadgen-closed",

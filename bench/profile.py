@@ -217,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                 "raw",
                 "-o",
                 str(raw),
+                "--threads",
             ]
             if args.nonblocking:
                 pc.append("--nonblocking")
