@@ -201,6 +201,11 @@ class Driver:
                 # processes (PostgreSQL, Redis, anything else on the machine) or steal
                 other = c[f"cpu{srv[0]}_busy"] - c["server"] + (c.get(f"cpu{srv[0]}_steal") or 0)
                 res["server_core_other_pct"] = round(max(0.0, other), 1)
+                loads = [k for k in c if k.endswith("_busy") and k != f"cpu{srv[0]}_busy"]
+                # the load side (wrk + upstream) out of CPU: the server was not the limit
+                res["load_cores_saturated"] = bool(loads) and all(
+                    (c[k] or 0) >= 90.0 for k in loads
+                )
         res["expect_status"] = expect
         if expect == 200:
             res["status_ok"] = res.get("non_2xx_3xx", 0) == 0 and not res.get("socket_errors")
@@ -759,7 +764,8 @@ def print_report(res: dict) -> None:
         "The bare proxy is measured before and after each Tollway mode; a mode's ratio is "
         "to the mean of those two. 'other' = % of the one-process server's own core used by "
         "something else (PostgreSQL, Redis, other work on the machine, hypervisor steal): "
-        "large values mean a disturbed point."
+        "large values mean a disturbed point. LOAD = the load generator's core was >= 90% "
+        "busy: the load side, not the server, may have set the figure."
     )
     print()
     hdr = (
@@ -787,6 +793,8 @@ def print_report(res: dict) -> None:
             continue
         ratio = r["rps"] / ref if ref else None
         st = "ok" if r.get("status_ok", True) else "BAD STATUS"
+        if r.get("load_cores_saturated"):
+            st += ",LOAD"
         cpu = r.get("cpu_pct", {})
         cpus = (
             f"{fmt(cpu.get('server'), '.0f')}/{fmt(cpu.get('postgres'), '.0f')}"

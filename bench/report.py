@@ -69,6 +69,8 @@ def render(res: dict) -> str:
             if r.get("status_ok", True)
             else f"**unexpected statuses** ({r.get('non_2xx_3xx')} non-2xx)"
         )
+        if r.get("load_cores_saturated"):
+            st += "; load core >= 90% busy"
         out.append(
             f"| {label} | {sc} | {r['rps']:.0f} | {f(r['p50_ms'])} | {f(r['p99_ms'])} | "
             f"{f(r['rps'] / ref if ref else None, '.3f')} | {cpu} | {st} |"
