@@ -42,6 +42,7 @@ class Tx(Protocol):
     async def transfer(
         self, t: Transfer, *, guard: bool = False, now: int | None = None
     ) -> bool: ...
+    async def insert_later(self, table: str, sql: str, *args: Any) -> None: ...
 
 
 class Store:
@@ -163,12 +164,13 @@ class _BufferedTx:
     transaction: the group-commit writer then reruns each operation alone.
     """
 
-    __slots__ = ("_rows", "_deltas", "_known")
+    __slots__ = ("_rows", "_deltas", "_known", "_later")
 
     def __init__(self) -> None:
         self._rows: list[tuple[Any, ...]] = []
         self._deltas: dict[str, list[Any]] = {}
         self._known: dict[str, int] = {}
+        self._later: dict[tuple[str, str], list[tuple[Any, ...]]] = {}
 
     # backend hooks
     async def _exec(self, sql: str, args: tuple[Any, ...]) -> int: ...
@@ -180,8 +182,19 @@ class _BufferedTx:
     async def _sync_for(self, sql: str) -> None:
         if (self._rows or self._deltas) and any(t in sql for t in _BUFFERED_TABLES):
             await self.flush()
+        elif self._later and any(table in sql for table, _ in self._later):
+            await self.flush()
+
+    async def insert_later(self, table: str, sql: str, *args: Any) -> None:
+        """An INSERT nobody in this transaction reads back (usage records):
+        written with the others of its kind in one executemany at commit."""
+        self._later.setdefault((table, sql), []).append(args)
 
     async def flush(self) -> None:
+        if self._later:
+            later, self._later = self._later, {}
+            for (_, sql), rows in later.items():
+                await self._many(sql, rows)
         if self._deltas:
             # Sorted, so concurrent transactions lock account rows in one order.
             deltas = sorted(self._deltas.items())

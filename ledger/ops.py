@@ -175,7 +175,8 @@ async def finish(tx: Tx, o: Outcome) -> int:
             await _capture(tx, o, u, now)
     elif not _served(u):
         outcome = "failed"
-    await tx.execute(
+    await tx.insert_later(
+        "usage_records",
         "INSERT INTO usage_records (id, buyer_id, service_id, provider_id, amount, asset, free_tier,"
         " payment_method, outcome, upstream_status, latency_ms, bytes_in, bytes_out, request_id,"
         " hold_id, created_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16)",
