@@ -84,6 +84,8 @@ class Settings:
     service_cache_ttl_seconds: float = 5.0
     idempotency_window_seconds: int = 24 * 3600
     ledger_batch_max: int = 512
+    # Group-commit flushers per process; 0 picks 4 on PostgreSQL, 1 on SQLite.
+    ledger_writers: int = 0
     receipts_dir: str = "./data/receipts"
     log_level: str = "info"
     # Payment rails (402 issue); empty means the rail is off.
@@ -207,6 +209,7 @@ def validate(s: Settings) -> Settings:
     )
     _check("hold_sweep_interval_seconds", s.hold_sweep_interval_seconds > 0, "must be positive")
     _check("ledger_batch_max", 1 <= s.ledger_batch_max <= 10000, "must be 1..10000")
+    _check("ledger_writers", 0 <= s.ledger_writers <= 64, "must be 0 (auto) to 64")
     _check(
         "admin_key",
         s.admin_key is None or (":" in s.admin_key and all(s.admin_key.split(":", 1))),

@@ -34,6 +34,11 @@ class DuplicateError(Exception):
     """A unique key already exists (an idempotency key, a payment reference...)."""
 
 
+class GuardFailed(Exception):
+    """A guarded balance would go below zero at commit: another process spent
+    it since this transaction read it. The operations are rerun alone."""
+
+
 class Tx(Protocol):
     async def execute(self, sql: str, *args: Any) -> int: ...
     async def fetch(self, sql: str, *args: Any) -> list[Row]: ...
@@ -159,18 +164,23 @@ class _BufferedTx:
     per account in memory and writes them with two ``executemany`` calls when
     it commits, or earlier, the moment any statement names ``accounts`` or
     ``transfers``. A guarded debit reads the account's balance once per
-    transaction (locking the row on PostgreSQL) and then checks in memory.
-    A repeated idempotency key still fails at the insert, which fails the
-    transaction: the group-commit writer then reruns each operation alone.
+    transaction and then checks in memory. Where other transactions may
+    write at the same time (PostgreSQL), the write-out locks every touched
+    account in id order (no deadlocks between writers) and checks each
+    guarded account again: if another process spent the money meanwhile,
+    ``GuardFailed`` rolls the batch back and its operations run again alone.
+    A repeated idempotency key fails at the insert, which fails the
+    transaction the same way.
     """
 
-    __slots__ = ("_rows", "_deltas", "_known", "_later")
+    __slots__ = ("_rows", "_deltas", "_known", "_later", "_guarded")
 
     def __init__(self) -> None:
         self._rows: list[tuple[Any, ...]] = []
         self._deltas: dict[str, list[Any]] = {}
         self._known: dict[str, int] = {}
         self._later: dict[tuple[str, str], list[tuple[Any, ...]]] = {}
+        self._guarded: set[str] = set()
 
     # backend hooks
     async def _exec(self, sql: str, args: tuple[Any, ...]) -> int: ...
@@ -179,11 +189,17 @@ class _BufferedTx:
     async def _many(self, sql: str, rows: list[tuple[Any, ...]]) -> None: ...
     async def _read_balance(self, account_id: str) -> int | None: ...
 
+    async def _lock_balances(self, ids: list[str]) -> dict[str, int] | None:
+        """Lock ``ids`` in order and return their balances; None where the
+        backend's transaction is already exclusive (nothing to recheck)."""
+        return None
+
     async def _sync_for(self, sql: str) -> None:
         if (self._rows or self._deltas) and any(t in sql for t in _BUFFERED_TABLES):
             await self.flush()
-        elif self._later and any(table in sql for table, _ in self._later):
-            await self.flush()
+        elif self._later:
+            for key in [k for k in self._later if k[0] in sql]:
+                await self._many(key[1], self._later.pop(key))
 
     async def insert_later(self, table: str, sql: str, *args: Any) -> None:
         """An INSERT nobody in this transaction reads back (usage records):
@@ -199,7 +215,13 @@ class _BufferedTx:
             # Sorted, so concurrent transactions lock account rows in one order.
             deltas = sorted(self._deltas.items())
             self._deltas = {}
+            current = await self._lock_balances([k for k, _ in deltas])
+            if current is not None:
+                for k, v in deltas:
+                    if k in self._guarded and v[3] < 0 and current.get(k, 0) + v[3] < 0:
+                        raise GuardFailed(f"{k} would go below zero")
             await self._many(_UPSERT_BALANCE, [(k, *v) for k, v in deltas])
+            self._guarded.clear()
         if self._rows:
             rows, self._rows = self._rows, []
             await self._many(_INSERT_TRANSFER, rows)
@@ -234,6 +256,7 @@ class _BufferedTx:
         d, c = t.debit, t.credit
         now = now or now_ms()
         if guard:
+            self._guarded.add(d.id)
             bal = self._known.get(d.id)
             if bal is None:
                 stored = await self._read_balance(d.id)
@@ -290,11 +313,17 @@ class _PgTx(_BufferedTx):
         await self.conn.executemany(sql, rows)
 
     async def _read_balance(self, account_id: str) -> int | None:
-        # FOR UPDATE: another process's transaction waits for ours, so its
-        # guarded debit sees what we spent.
-        return await self.conn.fetchval(
-            "SELECT balance FROM accounts WHERE id = $1 FOR UPDATE", account_id
+        # No lock here: the write-out locks and rechecks (see _BufferedTx), so
+        # two writers spending from one wallet do not queue behind each other
+        # for a whole batch.
+        return await self.conn.fetchval("SELECT balance FROM accounts WHERE id = $1", account_id)
+
+    async def _lock_balances(self, ids: list[str]) -> dict[str, int] | None:
+        rows = await self.conn.fetch(
+            "SELECT id, balance FROM accounts WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE",
+            ids,
         )
+        return {r["id"]: int(r["balance"]) for r in rows}
 
 
 class PostgresStore(Store):
@@ -344,12 +373,13 @@ _RETRYABLE = ("deadlock", "could not serialize", "SQLITE_BUSY", "database is loc
 
 
 async def _run_alone(store: Store, op: Op) -> Any:
-    for attempt in range(3):
+    for attempt in range(5):
         try:
             async with store.transaction() as tx:
                 return await op(tx)
         except Exception as exc:  # handed back to the one caller whose op failed
-            if attempt < 2 and any(m in str(exc) for m in _RETRYABLE):
+            retry = isinstance(exc, GuardFailed) or any(m in str(exc) for m in _RETRYABLE)
+            if attempt < 4 and retry:
                 await asyncio.sleep(0.01 * (attempt + 1))
                 continue
             return exc

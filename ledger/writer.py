@@ -24,14 +24,23 @@ class BatchObserver(Protocol):
 
 class GroupCommitWriter:
     def __init__(
-        self, store: Store, *, max_batch: int = 512, observer: BatchObserver | None = None
+        self,
+        store: Store,
+        *,
+        max_batch: int = 512,
+        observer: BatchObserver | None = None,
+        concurrency: int = 1,
     ):
         self.store = store
         self.max_batch = max_batch
         self.observer = observer
+        # With a server database, a batch spends most of its time waiting on
+        # round trips; several flushers keep several batches in flight. SQLite
+        # has one writer anyway, so one flusher.
+        self.concurrency = max(1, concurrency)
         self._queue: list[tuple[Op, asyncio.Future[Any]]] = []
         self._wakeup = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
 
     @property
@@ -39,16 +48,20 @@ class GroupCommitWriter:
         return len(self._queue)
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="ledger-writer")
+        if not self._tasks:
+            loop = asyncio.get_running_loop()
+            self._tasks = [
+                loop.create_task(self._run(), name=f"ledger-writer-{i}")
+                for i in range(self.concurrency)
+            ]
 
     async def close(self) -> None:
         """Commit what is queued, then stop."""
         self._closing = True
         self._wakeup.set()
-        if self._task is not None:
-            await self._task
-            self._task = None
+        tasks, self._tasks = self._tasks, []
+        for t in tasks:
+            await t
 
     async def submit(self, op: Op) -> Any:
         """Run ``op`` in the next batch; raises what the op raised."""
@@ -83,6 +96,8 @@ class GroupCommitWriter:
             await asyncio.sleep(0)
             batch = self._queue[: self.max_batch]
             del self._queue[: self.max_batch]
+            if not batch:  # another flusher took it during that turn
+                continue
             started = time.perf_counter()
             try:
                 results = await self.store.run_batch([op for op, _ in batch])

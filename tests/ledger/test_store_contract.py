@@ -79,9 +79,10 @@ async def test_batch_isolates_a_failing_op(store: Store):
     assert await store.fetchval("SELECT balance FROM accounts WHERE id = $1", alice.id) == 3
 
 
-async def test_group_commit_never_overdraws(store: Store):
+@pytest.mark.parametrize("writers", [1, 4])
+async def test_group_commit_never_overdraws(store: Store, writers: int):
     """200 concurrent holds of 0.10 against 10.00: exactly 100 succeed."""
-    w = GroupCommitWriter(store)
+    w = GroupCommitWriter(store, concurrency=writers, max_batch=16)
     w.start()
     await w.submit(lambda tx: ops.credit(tx, ops.Credit("bob", "USDC", 10_000_000, "test", "c1")))
 
@@ -223,3 +224,44 @@ async def test_credit_is_idempotent(store: Store):
         )
         == 500
     )
+
+
+async def test_a_stale_guarded_read_fails_at_commit_not_below_zero(store: Store):
+    """Two transactions read the same 1.00 balance; both spend 0.80. The later
+    commit must not leave -0.60: on PostgreSQL it fails with GuardFailed at the
+    write-out (SQLite serializes the two transactions instead)."""
+    from ledger.db import GuardFailed
+
+    alice = j.wallet("alice", "USDC")
+    async with store.transaction() as tx:
+        await tx.transfer(_t(j.world("USDC"), alice, 1_000_000, "dep"))
+
+    started = asyncio.Event()
+    outcomes: list[object] = []
+
+    async def spend(key: str, wait: bool) -> None:
+        try:
+            async with store.transaction() as tx:
+                ok = await tx.transfer(_t(alice, j.earnings("p", "USDC"), 800_000, key), guard=True)
+                started.set()
+                if wait:
+                    await asyncio.sleep(0.2)  # let the other one commit in between
+            outcomes.append(ok)  # after the commit
+        except GuardFailed as exc:
+            outcomes.append(exc)
+
+    if store.kind == "postgres":
+        await asyncio.gather(spend("a", True), _after(started, spend("b", False)))
+        assert sum(1 for o in outcomes if o is True) == 1
+        assert any(isinstance(o, GuardFailed) for o in outcomes)
+    else:
+        await spend("a", False)
+        await spend("b", False)
+        assert outcomes == [True, False]
+    assert await store.fetchval("SELECT balance FROM accounts WHERE id = $1", alice.id) == 200_000
+    assert (await verify(store)).ok
+
+
+async def _after(event: asyncio.Event, coro):
+    await event.wait()
+    return await coro
