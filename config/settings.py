@@ -84,7 +84,7 @@ class Settings:
     service_cache_ttl_seconds: float = 5.0
     idempotency_window_seconds: int = 24 * 3600
     ledger_batch_max: int = 512
-    # Group-commit flushers per process; 0 picks 4 on PostgreSQL, 1 on SQLite.
+    # Group-commit flushers per process; 0 picks 2 on PostgreSQL, 1 on SQLite.
     ledger_writers: int = 0
     receipts_dir: str = "./data/receipts"
     log_level: str = "info"

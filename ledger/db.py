@@ -39,6 +39,11 @@ class GuardFailed(Exception):
     it since this transaction read it. The operations are rerun alone."""
 
 
+class HoldRaced(GuardFailed):
+    """A hold assumed pending was resolved by someone else (the expiry sweeper,
+    another process) before this transaction wrote its resolution."""
+
+
 class Tx(Protocol):
     async def execute(self, sql: str, *args: Any) -> int: ...
     async def fetch(self, sql: str, *args: Any) -> list[Row]: ...
@@ -48,6 +53,7 @@ class Tx(Protocol):
         self, t: Transfer, *, guard: bool = False, now: int | None = None
     ) -> bool: ...
     async def insert_later(self, table: str, sql: str, *args: Any) -> None: ...
+    async def resolve_hold(self, hold_id: str, status: str, now: int) -> bool: ...
 
 
 class Store:
@@ -55,14 +61,16 @@ class Store:
 
     async def connect(self) -> None: ...
     async def close(self) -> None: ...
-    def transaction(self) -> contextlib.AbstractAsyncContextManager[Tx]: ...
+    def transaction(
+        self, optimistic: bool = False
+    ) -> contextlib.AbstractAsyncContextManager[Tx]: ...
     async def run_batch(self, ops: Sequence[Op]) -> list[Any]:
         """Run ops in one transaction; a failed op's slot holds its exception."""
         try:
-            async with self.transaction() as tx:
+            async with self.transaction(optimistic=True) as tx:  # type: ignore[call-arg]
                 return [await op(tx) for op in ops]
         except Exception as exc:
-            if len(ops) == 1:
+            if len(ops) == 1 and not isinstance(exc, GuardFailed):
                 return [exc]
         return [await _run_alone(self, op) for op in ops]
 
@@ -173,14 +181,19 @@ class _BufferedTx:
     transaction the same way.
     """
 
-    __slots__ = ("_rows", "_deltas", "_known", "_later", "_guarded")
+    __slots__ = ("_rows", "_deltas", "_known", "_later", "_guarded", "_resolutions", "optimistic")
 
-    def __init__(self) -> None:
+    def __init__(self, optimistic: bool = False) -> None:
         self._rows: list[tuple[Any, ...]] = []
         self._deltas: dict[str, list[Any]] = {}
         self._known: dict[str, int] = {}
         self._later: dict[tuple[str, str], list[tuple[Any, ...]]] = {}
         self._guarded: set[str] = set()
+        self._resolutions: list[tuple[str, str, int]] = []
+        # In a group-commit batch, hold resolutions are assumed to succeed and
+        # checked together at write-out (HoldRaced if one did not); alone, each
+        # is written at once and its answer is exact.
+        self.optimistic = optimistic
 
     # backend hooks
     async def _exec(self, sql: str, args: tuple[Any, ...]) -> int: ...
@@ -194,12 +207,33 @@ class _BufferedTx:
         backend's transaction is already exclusive (nothing to recheck)."""
         return None
 
+    async def _resolve_many(self, items: list[tuple[str, str, int]]) -> int: ...
+
+    async def resolve_hold(self, hold_id: str, status: str, now: int) -> bool:
+        """Move a pending hold to ``status``; False if it is no longer pending."""
+        if self.optimistic:
+            self._resolutions.append((hold_id, status, now))
+            return True
+        if self._resolutions or any(k[0] == "holds" for k in self._later):
+            await self._sync_for("holds")
+            await self._write_resolutions()
+        return await self._resolve_many([(hold_id, status, now)]) == 1
+
+    async def _write_resolutions(self) -> None:
+        if self._resolutions:
+            items, self._resolutions = self._resolutions, []
+            if await self._resolve_many(items) != len(items):
+                raise HoldRaced("a hold was resolved by another transaction first")
+
     async def _sync_for(self, sql: str) -> None:
         if (self._rows or self._deltas) and any(t in sql for t in _BUFFERED_TABLES):
             await self.flush()
-        elif self._later:
+            return
+        if self._later:
             for key in [k for k in self._later if k[0] in sql]:
                 await self._many(key[1], self._later.pop(key))
+        if self._resolutions and "holds" in sql:
+            await self._write_resolutions()
 
     async def insert_later(self, table: str, sql: str, *args: Any) -> None:
         """An INSERT nobody in this transaction reads back (usage records):
@@ -211,6 +245,7 @@ class _BufferedTx:
             later, self._later = self._later, {}
             for (_, sql), rows in later.items():
                 await self._many(sql, rows)
+        await self._write_resolutions()
         if self._deltas:
             # Sorted, so concurrent transactions lock account rows in one order.
             deltas = sorted(self._deltas.items())
@@ -292,9 +327,21 @@ class _BufferedTx:
 class _PgTx(_BufferedTx):
     __slots__ = ("conn",)
 
-    def __init__(self, conn: Any):
-        super().__init__()
+    def __init__(self, conn: Any, optimistic: bool = False):
+        super().__init__(optimistic)
         self.conn = conn
+
+    async def _resolve_many(self, items: list[tuple[str, str, int]]) -> int:
+        ids, statuses, ats = zip(*items, strict=True)
+        status = await self.conn.execute(
+            "UPDATE holds AS h SET status = u.status, resolved_at = u.at"
+            " FROM unnest($1::text[], $2::text[], $3::bigint[]) AS u(id, status, at)"
+            " WHERE h.id = u.id AND h.status = 'pending'",
+            list(ids),
+            list(statuses),
+            list(ats),
+        )
+        return int(status.rsplit(" ", 1)[-1])
 
     async def _exec(self, sql: str, args: tuple[Any, ...]) -> int:
         status = await self.conn.execute(sql, *args)
@@ -348,13 +395,13 @@ class PostgresStore(Store):
             self.pool = None
 
     @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Tx]:
+    async def transaction(self, optimistic: bool = False) -> AsyncIterator[Tx]:
         import asyncpg
 
         async with self.pool.acquire() as conn:
             try:
                 async with conn.transaction():
-                    tx = _PgTx(conn)
+                    tx = _PgTx(conn, optimistic)
                     yield tx
                     await tx.flush()
             except asyncpg.UniqueViolationError as exc:
@@ -410,9 +457,18 @@ class _SqliteTx(_BufferedTx):
 
     __slots__ = ("db",)
 
-    def __init__(self, db: sqlite3.Connection):
-        super().__init__()
+    def __init__(self, db: sqlite3.Connection, optimistic: bool = False):
+        super().__init__(optimistic)
         self.db = db
+
+    async def _resolve_many(self, items: list[tuple[str, str, int]]) -> int:
+        n = 0
+        for hold_id, status, at in items:
+            n += self.db.execute(
+                "UPDATE holds SET status = ?, resolved_at = ? WHERE id = ? AND status = 'pending'",
+                (status, at, hold_id),
+            ).rowcount
+        return n
 
     async def _exec(self, sql: str, args: tuple[Any, ...]) -> int:
         try:
@@ -484,13 +540,13 @@ class SQLiteStore(Store):
             self.db = None
 
     @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Tx]:
+    async def transaction(self, optimistic: bool = False) -> AsyncIterator[Tx]:
         assert self.db is not None, "store not connected"
         async with self._lock:
             # IMMEDIATE takes the write lock up front, so two processes on one
             # file serialize instead of failing later with SQLITE_BUSY.
             self.db.execute("BEGIN IMMEDIATE")
-            tx = _SqliteTx(self.db)
+            tx = _SqliteTx(self.db, optimistic)
             try:
                 yield tx
                 await tx.flush()

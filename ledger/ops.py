@@ -87,7 +87,8 @@ async def reserve(tx: Tx, r: Reservation) -> Reserved:
     )
     if not ok:
         return Reserved(INSUFFICIENT)
-    await tx.execute(
+    await tx.insert_later(
+        "holds",
         "INSERT INTO holds (id, account_id, asset, amount, status, usage_id, expires_at, created_at)"
         " VALUES ($1, $2, $3, $4, 'pending', $5, $6, $7)",
         hold_id,
@@ -230,13 +231,7 @@ def _served(u: Usage) -> bool:
 
 
 async def _resolve_hold(tx: Tx, hold_id: str, status: str, now: int) -> bool:
-    n = await tx.execute(
-        "UPDATE holds SET status = $2, resolved_at = $3 WHERE id = $1 AND status = 'pending'",
-        hold_id,
-        status,
-        now,
-    )
-    return n == 1
+    return await tx.resolve_hold(hold_id, status, now)
 
 
 async def _capture(tx: Tx, o: Outcome, u: Usage, now: int) -> None:

@@ -144,7 +144,7 @@ async def build_runtime(settings: Settings, store: Store | None = None) -> Runti
         await store.connect()
     await store.migrate()
     registry = Registry(store)
-    writers = settings.ledger_writers or (4 if store.kind == "postgres" else 1)
+    writers = settings.ledger_writers or (2 if store.kind == "postgres" else 1)
     writer = GroupCommitWriter(
         store,
         max_batch=settings.ledger_batch_max,
