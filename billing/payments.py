@@ -22,18 +22,20 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from billing.errors import BillingError, PaymentConflict, PaymentRejected
 from billing.metering import Meter, Ticket
 from billing.money import fee_of
-from billing.rails import x402 as x402r
 from ledger import journal as j
 from ledger import ops
 from ledger.db import DuplicateError, Tx
 from ledger.journal import Transfer, new_id, now_ms
 from ledger.registry import Service
 from ledger.writer import GroupCommitWriter
+
+if TYPE_CHECKING:  # the x402 rail pulls in web3 and pydantic: loaded only when configured
+    from billing.rails import x402 as x402r
 
 log = logging.getLogger("tollway.x402")
 
@@ -77,7 +79,9 @@ class X402Gateway:
         self.asset = asset
 
     def offer(self, svc: Service, resource_url: str, message: str) -> x402r.X402Offer:
-        return x402r.build_offer(
+        from billing.rails.x402 import build_offer
+
+        return build_offer(
             self.rails,
             amount=svc.price_units,
             resource_url=resource_url,
@@ -97,7 +101,9 @@ class X402Gateway:
             raise BillingError(
                 "this service is free; no payment is needed", code="payment_not_needed", status=400
             )
-        payload = x402r.decode_payment_header(header_value)
+        from billing.rails.x402 import decode_payment_header
+
+        payload = decode_payment_header(header_value)
         payer, nonce = _claimed_authorization(payload)
         key = f"x402:{payer}:{nonce}"
         payment_id = new_id("pay")

@@ -27,19 +27,36 @@ import asyncio
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any
-
-from eth_utils import is_address, to_checksum_address
+from typing import TYPE_CHECKING, Any
 
 from billing import settlements as stl
 from billing.errors import BillingError, PaymentRejected, PayoutFailed, UpstreamRailError
-from billing.rails.evm import TRANSFER_TOPIC, EvmClient
 from ledger import journal as j
 from ledger.db import Row, Store, Tx
 from ledger.journal import Account, Transfer, new_id, now_ms
 from ledger.writer import GroupCommitWriter
 
+if TYPE_CHECKING:
+    from billing.rails.evm import EvmClient
+
 log = logging.getLogger("tollway.wallets")
+
+# The ERC-20 Transfer event topic (keccak of "Transfer(address,address,uint256)").
+TRANSFER_TOPIC = "0xddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef"
+
+
+# eth_utils and web3 cost ~40 MB of memory per process: loaded on first use,
+# which only happens when EVM wallets are configured.
+def is_address(value: Any) -> bool:
+    from eth_utils import is_address as _is_address
+
+    return bool(_is_address(value))
+
+
+def to_checksum_address(value: str) -> str:
+    from eth_utils import to_checksum_address as _to_checksum
+
+    return str(_to_checksum(value))
 
 
 

@@ -21,7 +21,6 @@ from aiohttp import web
 
 from billing import settlements as stl
 from billing.money import AmountError, format_amount, parse_amount
-from billing.rails.evm import EvmClient
 from billing.wallets import (
     FAILED,
     PAID,
@@ -275,6 +274,8 @@ async def on_startup(app: web.Application, rt: Runtime) -> None:
     rt.evm_wallets = None  # type: ignore[attr-defined]
     if not (s.evm_rpc_url and s.evm_token_address):
         return  # the feature answers 503 with a clear error
+    from billing.rails.evm import EvmClient  # web3 is heavy: only when configured
+
     evm = EvmClient(
         s.evm_rpc_url,
         expected_chain_id=s.evm_chain_id or None,
