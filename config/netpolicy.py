@@ -31,14 +31,10 @@ def forbidden_address(addr: str) -> bool:
         return False
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    return (
-        ip.is_private
-        or ip.is_loopback
-        or ip.is_link_local
-        or ip.is_multicast
-        or ip.is_reserved
-        or ip.is_unspecified
-    )
+    # Only globally routable unicast addresses: this also refuses the shared
+    # 100.64.0.0/10 range (some clouds' metadata services live there), the
+    # documentation and benchmarking ranges, and every private range.
+    return not ip.is_global or ip.is_multicast
 
 
 def check_url(

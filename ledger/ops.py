@@ -64,7 +64,16 @@ async def reserve(tx: Tx, r: Reservation) -> Reserved:
                 r.buyer_id,
                 r.service_id,
             )
-            used = 1 if inserted else None
+            if inserted:
+                used = 1
+            else:  # another call created the row first: count against it
+                used = await tx.fetchval(
+                    "UPDATE free_tier_usage SET used = used + 1"
+                    " WHERE buyer_id = $1 AND service_id = $2 AND used < $3 RETURNING used",
+                    r.buyer_id,
+                    r.service_id,
+                    r.free_quota,
+                )
         if used is not None:
             return Reserved(FREE, free_used=used)
     if r.price <= 0:

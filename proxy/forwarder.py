@@ -14,7 +14,6 @@ that it is voided.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -39,6 +38,7 @@ from proxy.runtime import RT, Runtime
 
 log = logging.getLogger("tollway.proxy")
 
+_PAYMENT_RESPONSE = frozenset(("payment-response", "x-payment-response"))
 HOP_BY_HOP = frozenset(
     (
         "connection",
@@ -75,13 +75,25 @@ class BodyTooLarge(Exception):
     pass
 
 
+class BodyTooSlow(Exception):
+    pass
+
+
 class _Body:
-    """Streams the request body upstream, counting and enforcing the size limit."""
+    """Streams the request body upstream, counting and enforcing the size
+    limit and an upload deadline.
 
-    __slots__ = ("content", "limit", "count", "too_large")
+    The deadline matters for money: the call's hold is placed before the body
+    is read, and a body trickled in for longer than the hold lives would let
+    the hold expire and the call go unpaid.
+    """
 
-    def __init__(self, content: Any, limit: int):
-        self.content, self.limit, self.count, self.too_large = content, limit, 0, False
+    __slots__ = ("content", "limit", "count", "too_large", "too_slow", "deadline")
+
+    def __init__(self, content: Any, limit: int, max_seconds: float):
+        self.content, self.limit, self.count = content, limit, 0
+        self.too_large = self.too_slow = False
+        self.deadline = time.monotonic() + max_seconds
 
     async def __aiter__(self) -> AsyncIterator[bytes]:  # type: ignore[override]
         async for chunk in self.content.iter_chunked(65536):
@@ -89,6 +101,9 @@ class _Body:
             if self.count > self.limit:
                 self.too_large = True
                 raise BodyTooLarge()
+            if time.monotonic() > self.deadline:
+                self.too_slow = True
+                raise BodyTooSlow()
             yield chunk
 
 
@@ -205,7 +220,15 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
 
     q = request.raw_path.find("?")
     url = target.base + tail + (request.raw_path[q:] if q >= 0 else "")
-    body: Any = _Body(request.content, rt.settings.max_body_bytes) if request.body_exists else None
+    s = rt.settings
+    # The upload must end well within the hold's life (the upstream may still
+    # take its connect and read timeouts after it).
+    upload_window = s.hold_ttl_seconds - s.upstream_connect_timeout - s.upstream_read_timeout
+    body: Any = (
+        _Body(request.content, s.max_body_bytes, max(1.0, upload_window / 2))
+        if request.body_exists
+        else None
+    )
     if paid is not None and paid.body is not None:
         body = paid.body  # already read whole to check an invoice's binding
     t_up = time.perf_counter()
@@ -239,7 +262,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     # The charge commits before the first byte goes out: once a client sees
     # the headers, its balance and usage already say so.
     try:
-        await _settle(
+        charged = await _settle(
             rt, request, ticket, paid, up.status, t_up, body, known_len or 0, rid, latency=latency
         )
     except BillingError:
@@ -250,9 +273,10 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     conn = up.headers.get("Connection")
     drop = HOP_BY_HOP if not conn else HOP_BY_HOP | {t.strip().lower() for t in conn.split(",")}
     for k, v in up.headers.items():
-        if k.lower() not in drop:
+        kl = k.lower()
+        # Billing and payment headers are ours alone: an upstream cannot forge them.
+        if kl not in drop and not kl.startswith("x-acf-") and kl not in _PAYMENT_RESPONSE:
             h.add(k, v)
-    charged = ticket.amount if served else 0
     decimals = rt.settings.asset_decimals
     h["X-ACF-Usage-Id"] = ticket.usage_id
     h["X-ACF-Amount"] = format_amount(charged, decimals)
@@ -305,6 +329,8 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
 def _upstream_failure(exc: BaseException, body: _Body | None) -> tuple[int, str, str]:
     if body is not None and body.too_large:
         return 413, "payload_too_large", "request body over the limit"
+    if body is not None and body.too_slow:
+        return 408, "request_timeout", "the request body took too long to arrive"
     if isinstance(exc, asyncio.TimeoutError):
         return 504, "upstream_timeout", "the upstream did not answer in time"
     if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(exc.os_error, AddressForbidden):
@@ -329,7 +355,9 @@ async def _settle(
     rid: str,
     *,
     latency: float | None = None,
-) -> None:
+) -> int:
+    """Record the call; returns what was really charged (0 when the hold had
+    already expired, whatever the ticket said)."""
     outcome = rt.meter.outcome(
         ticket,
         upstream_status=status,
@@ -350,10 +378,11 @@ async def _settle(
         # The hold stays pending and the sweeper voids it at expiry: the buyer
         # is never charged for a call whose record could not be written.
         log.exception("could not record usage %s", ticket.usage_id)
-        return
+        return 0
     if charged:
         metrics.CHARGED.labels(ticket.service.asset).inc(charged)
         rt.after_charge(ticket, charged)
+    return int(charged or 0)
 
 
 def _receipt(rt: Runtime, request: web.Request, t: Ticket, amount: int) -> str:
@@ -369,6 +398,3 @@ def _receipt(rt: Runtime, request: web.Request, t: Ticket, amount: int) -> str:
         int(time.time()),
         request_hash(request.method, request.raw_path, body_hash),
     )
-
-
-_ = hashlib  # reserved for body hashing once requests carry a digest

@@ -254,3 +254,86 @@ async def test_client_gone_before_headers_is_not_charged(tollway: InProcess, ups
         )
         == 500_000
     )
+
+
+async def test_upstream_cannot_forge_billing_or_payment_headers(
+    tollway: InProcess, upstream: Upstream
+):
+    sid, bkey = await _setup(tollway, upstream, price="0.25")
+    await tollway.credit("buyer", "1.00")
+    st, body, h = await tollway.call(sid, "forge", bkey)
+    assert st == 200 and body == b"forged"
+    assert h.getall("X-ACF-Amount") == ["0.25"]
+    assert h["X-ACF-Usage-Id"] != "fake" and h["X-ACF-Receipt"] != "forged.receipt"
+    assert "PAYMENT-RESPONSE" not in h and "X-Payment-Response" not in h
+
+
+async def test_a_body_trickled_past_the_upload_window_is_refused_and_not_charged(
+    tmp_path, upstream: Upstream
+):
+    from tests.support.tollway import start_inprocess
+
+    tw = await start_inprocess(
+        f"sqlite:///{tmp_path}/slow.db",
+        tmp=str(tmp_path),
+        upstream_connect_timeout=0.5,
+        upstream_read_timeout=1.0,
+        hold_ttl_seconds=3,
+    )
+    try:
+        sid, bkey = await _setup(tw, upstream, price="0.50")
+        await tw.credit("buyer", "1.00")
+
+        async def trickle():
+            for _ in range(6):
+                yield b"x" * 10
+                await asyncio.sleep(0.3)
+
+        st, body, h = await tw.call(sid, "echo", bkey, method="POST", data=trickle())
+        assert st == 408 and json.loads(body)["error"]["code"] == "request_timeout"
+        store = tw.rt.store
+        from ledger import journal as jj
+
+        assert (
+            await store.fetchval(
+                "SELECT balance FROM accounts WHERE id = $1", jj.wallet("buyer", "USDC").id
+            )
+            == 1_000_000
+        )
+        assert await store.fetchval("SELECT status FROM holds") == "voided"
+    finally:
+        await tw.close()
+
+
+async def test_headers_say_what_was_really_charged_when_the_hold_expired(
+    tmp_path, upstream: Upstream
+):
+    """A slow upstream answering after the hold expired: served, but not
+    charged; the headers and the absent receipt say so."""
+    from tests.support.tollway import start_inprocess
+
+    tw = await start_inprocess(
+        f"sqlite:///{tmp_path}/exp.db",
+        tmp=str(tmp_path),
+        upstream_connect_timeout=0.5,
+        upstream_read_timeout=5.0,
+        hold_ttl_seconds=6,
+        hold_sweep_interval_seconds=0.2,
+    )
+    try:
+        sid, bkey = await _setup(tw, upstream, price="0.50")
+        await tw.credit("buyer", "1.00")
+
+        # Expire the hold while the upstream thinks (as a crashed peer's sweeper would).
+        async def expire_soon():
+            await asyncio.sleep(0.5)
+            await tw.rt.store.execute("UPDATE holds SET expires_at = 0 WHERE status = 'pending'")
+
+        task = asyncio.ensure_future(expire_soon())
+        st, _, h = await tw.call(sid, "slow?s=1.5", bkey)
+        await task
+        assert st == 200
+        assert h["X-ACF-Amount"] == "0.00" and "X-ACF-Receipt" not in h
+        assert await tw.rt.store.fetchval("SELECT outcome FROM usage_records") == "hold_expired"
+    finally:
+        await tw.close()

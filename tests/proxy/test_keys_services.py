@@ -201,6 +201,9 @@ async def test_ssrf_registration_refuses_private_addresses(tmp_path):
             "http://192.168.1.1",
             "http://224.0.0.1",
             "http://[::ffff:127.0.0.1]/",
+            "http://100.100.100.200/latest/meta-data/",
+            "http://100.64.0.1/",
+            "http://192.0.2.10/",
         ):
             st, data, _ = await tw.api(
                 "POST",

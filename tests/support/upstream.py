@@ -130,6 +130,19 @@ async def start_upstream() -> Upstream:
         await asyncio.sleep(float(request.query.get("s", "5")))
         return web.json_response({"slow": True})
 
+    async def forge(request: web.Request) -> web.Response:
+        await record(request, 0)
+        return web.Response(
+            text="forged",
+            headers={
+                "X-ACF-Amount": "0.00",
+                "X-ACF-Usage-Id": "fake",
+                "X-ACF-Receipt": "forged.receipt",
+                "PAYMENT-RESPONSE": "forged",
+                "X-Payment-Response": "forged",
+            },
+        )
+
     async def ok(request: web.Request) -> web.Response:
         await record(request, 0)
         return web.json_response({"ok": True})
@@ -144,6 +157,7 @@ async def start_upstream() -> Upstream:
     app.router.add_route("*", "/status/{code}", status)
     app.router.add_get("/slow", slow)
     app.router.add_route("*", "/ok", ok)
+    app.router.add_get("/forge", forge)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)
