@@ -71,12 +71,16 @@ class X402Gateway:
         writer: GroupCommitWriter,
         meter: Meter,
         asset: str = "USDC",
+        chain_rail: str | None = None,
     ):
         self.processor = processor
         self.rails = list(rails)
         self.writer = writer
         self.meter = meter
         self.asset = asset
+        # "eip155:<node chain id>": the key deposits and invoices use for a
+        # transaction, so the settlement's transfer can never be claimed again.
+        self.chain_rail = chain_rail
 
     def offer(self, svc: Service, resource_url: str, message: str) -> x402r.X402Offer:
         from billing.rails.x402 import build_offer
@@ -184,10 +188,26 @@ class X402Gateway:
         finish = self.meter.finish_op(outcome)
         detail = json.dumps({"tx": settlement.transaction, "network": v.network, "payer": v.payer})
 
+        chain_rail, tx_ref = self.chain_rail, settlement.transaction.lower()
+
         async def op(tx: Tx) -> int:
             await tx.execute(
                 "UPDATE payments SET status = 'settled', detail = $2 WHERE id = $1", pid, detail
             )
+            if chain_rail:
+                await tx.execute(
+                    "INSERT INTO payments (id, rail, external_ref, owner_id, asset, amount, status,"
+                    " detail, created_at) VALUES ($1, $2, $3, $4, $5, $6, 'x402_settlement', $7, $8)"
+                    " ON CONFLICT (rail, external_ref) DO NOTHING",
+                    new_id("pay"),
+                    chain_rail,
+                    tx_ref,
+                    buyer,
+                    asset,
+                    v.amount,
+                    json.dumps({"x402_payment": pid}),
+                    now_ms(),
+                )
             await tx.transfer(
                 Transfer(
                     new_id("tr"),

@@ -59,11 +59,31 @@ def to_checksum_address(value: str) -> str:
     return str(_to_checksum(value))
 
 
+def deposit_claim_message(owner_id: str, tx_hash: str) -> str:
+    """What the sender of a deposit signs (EIP-191 personal_sign) to claim it.
+
+    A wallet address written on an API key proves nothing (anyone can write
+    anyone's address); a signature by the transfer's sender does.
+    """
+    return f"Tollway deposit\nowner: {owner_id}\ntx: {tx_hash.lower()}"
+
+
+def recover_claim_signer(owner_id: str, tx_hash: str, signature: str) -> str | None:
+    from eth_account import Account
+    from eth_account.messages import encode_defunct
+
+    try:
+        msg = encode_defunct(text=deposit_claim_message(owner_id, tx_hash))
+        return str(Account.recover_message(msg, signature=signature))
+    except Exception:  # malformed signature of any kind
+        return None
+
 
 def evm_rail(chain_id: int) -> str:
     """``payments.rail`` of a token transfer on this chain: the CAIP-2 id, as the invoice
     rail writes it, so one transaction pays an invoice or a deposit, never both."""
     return f"eip155:{chain_id}"
+
 
 # Withdrawal holds must never be voided by the expired-hold sweeper: a payout may be
 # in flight (or its outcome unknown), and a sweep refund would let the money leave
@@ -155,9 +175,12 @@ async def journal_lines(
     """The owner's journal lines, newest first, each seen from the owner's side."""
     rows = await store.fetch(
         "SELECT t.id, t.asset, t.debit_account, t.credit_account, t.amount, t.kind, t.usage_id,"
-        " t.payment_id, t.hold_id, t.created_at" + _LINES_WHERE
+        " t.payment_id, t.hold_id, t.created_at"
+        + _LINES_WHERE
         + " ORDER BY t.created_at DESC, t.id DESC LIMIT $2 OFFSET $3",
-        owner_id, limit, offset,
+        owner_id,
+        limit,
+        offset,
     )
     total = int(await store.fetchval("SELECT COUNT(*)" + _LINES_WHERE, owner_id) or 0)
     return [_line(owner_id, r) for r in rows], total
@@ -200,7 +223,8 @@ async def get_withdrawal(store: Store, withdrawal_id: str) -> Row | None:
 async def list_withdrawals(store: Store, owner_id: str, limit: int = 50) -> list[Row]:
     return await store.fetch(
         "SELECT * FROM withdrawals WHERE owner_id = $1 ORDER BY created_at DESC LIMIT $2",
-        owner_id, limit,
+        owner_id,
+        limit,
     )
 
 
@@ -216,7 +240,9 @@ async def _set_status(tx: Tx, wid: str, status: str, now: int, **cols: Any) -> N
 async def _resolve_hold(tx: Tx, hold_id: str, status: str, now: int) -> bool:
     n = await tx.execute(
         "UPDATE holds SET status = $2, resolved_at = $3 WHERE id = $1 AND status = 'pending'",
-        hold_id, status, now,
+        hold_id,
+        status,
+        now,
     )
     return n == 1
 
@@ -229,8 +255,15 @@ async def post_withdrawal_hold(
     if not await _resolve_hold(tx, w["hold_id"], "posted", now):
         return False
     await tx.transfer(
-        Transfer(new_id("tr"), j.holding(w["asset"]), j.world(w["asset"]), int(w["amount"]),
-                 "withdrawal", f"withdrawal:{w['id']}", hold_id=w["hold_id"]),
+        Transfer(
+            new_id("tr"),
+            j.holding(w["asset"]),
+            j.world(w["asset"]),
+            int(w["amount"]),
+            "withdrawal",
+            f"withdrawal:{w['id']}",
+            hold_id=w["hold_id"],
+        ),
         now=now,
     )
     await _set_status(tx, w["id"], PAID, now, tx_hash=tx_hash, error=None)
@@ -246,8 +279,15 @@ async def void_withdrawal_hold(tx: Tx, w: Row, error: str, now: int) -> bool:
     await stl.release_payout(tx, w["id"])
     source = _account_from_id(w["source_account"], w["asset"])
     await tx.transfer(
-        Transfer(new_id("tr"), j.holding(w["asset"]), source, int(w["amount"]),
-                 "withdrawal_void", f"void:{w['hold_id']}", hold_id=w["hold_id"]),
+        Transfer(
+            new_id("tr"),
+            j.holding(w["asset"]),
+            source,
+            int(w["amount"]),
+            "withdrawal_void",
+            f"void:{w['hold_id']}",
+            hold_id=w["hold_id"],
+        ),
         now=now,
     )
     await _set_status(tx, w["id"], FAILED, now, error=error[:500])
@@ -309,28 +349,36 @@ class EvmWallets:
     ) -> dict[str, Any]:
         """Credit the verified amount of ``tx_hash`` to ``owner_id``'s wallet, once ever.
 
-        ``payer_addresses`` are the addresses the owner registered: the transfer
-        must come from one of them, or anyone who saw the transaction on chain
-        could claim someone else's deposit.
+        ``payer_addresses`` are the addresses the owner proved to control (the
+        route recovers the signer of a claim message): the transfer must come
+        from one of them, or anyone who saw the transaction on chain could
+        claim someone else's deposit.
         """
         cfg = self.config
         if cfg.pay_to is None:
             raise WalletNotConfigured("deposits are off: no deposit address is configured")
         if not payer_addresses:
             raise BillingError(
-                "register the wallet address you deposit from on your API key first",
-                code="wallet_address_required", status=422,
+                "sign the deposit claim with the wallet you sent the transfer from",
+                code="signature_required",
+                status=422,
             )
         ref, rail = tx_hash.lower(), evm_rail(cfg.chain_id)
         # Cheap refusal before any chain round trip; the insert below is the real guard.
         if await self.store.fetchval(
             "SELECT 1 FROM payments WHERE rail = $1 AND external_ref = $2", rail, ref
         ):
-            raise BillingError("this transaction was already used", code="tx_already_used", status=409)
+            raise BillingError(
+                "this transaction was already used", code="tx_already_used", status=409
+            )
         try:
             got = await self.evm.verify_token_transfer(
-                tx_hash, token=cfg.token, pay_to=cfg.pay_to, min_amount=1,
-                not_before_unix=0, min_confirmations=cfg.confirmations,
+                tx_hash,
+                token=cfg.token,
+                pay_to=cfg.pay_to,
+                min_amount=1,
+                not_before_unix=0,
+                min_confirmations=cfg.confirmations,
             )
         except PaymentRejected as exc:
             # Not a payment for this deposit address: a client error, not "payment required".
@@ -338,8 +386,9 @@ class EvmWallets:
         allowed = {to_checksum_address(a) for a in payer_addresses if is_address(a)}
         if got.payer not in allowed:
             raise BillingError(
-                "the transfer was not sent from a wallet address registered to you",
-                code="payer_not_registered", status=403,
+                "the transfer was not sent by the address that signed this deposit claim",
+                code="payer_not_signer",
+                status=403,
             )
         payment_id = new_id("pay")
         detail = json.dumps({"payer": got.payer, "block": got.block_number, "token": cfg.token})
@@ -350,20 +399,35 @@ class EvmWallets:
                 "INSERT INTO payments (id, rail, external_ref, owner_id, asset, amount, status,"
                 " detail, created_at) VALUES ($1, $2, $3, $4, $5, $6, 'credited', $7, $8)"
                 " ON CONFLICT (rail, external_ref) DO NOTHING",
-                payment_id, rail, got.tx_hash, owner_id, cfg.asset, got.amount, detail, now,
+                payment_id,
+                rail,
+                got.tx_hash,
+                owner_id,
+                cfg.asset,
+                got.amount,
+                detail,
+                now,
             )
             if not inserted:
                 return False
             await tx.transfer(
-                Transfer(new_id("tr"), j.world(cfg.asset), j.wallet(owner_id, cfg.asset),
-                         got.amount, "deposit", f"deposit:{rail}:{got.tx_hash}",
-                         payment_id=payment_id),
+                Transfer(
+                    new_id("tr"),
+                    j.world(cfg.asset),
+                    j.wallet(owner_id, cfg.asset),
+                    got.amount,
+                    "deposit",
+                    f"deposit:{rail}:{got.tx_hash}",
+                    payment_id=payment_id,
+                ),
                 now=now,
             )
             return True
 
         if not await self.writer.submit(op):
-            raise BillingError("this transaction was already used", code="tx_already_used", status=409)
+            raise BillingError(
+                "this transaction was already used", code="tx_already_used", status=409
+            )
         return {
             "payment_id": payment_id,
             "tx_hash": got.tx_hash,
@@ -376,8 +440,13 @@ class EvmWallets:
     # -- withdrawals ---------------------------------------------------------------
 
     async def withdraw(
-        self, owner_id: str, source: Account, amount: int | None, to_address: str,
-        *, plan: stl.PayoutPlan | None = None,
+        self,
+        owner_id: str,
+        source: Account,
+        amount: int | None,
+        to_address: str,
+        *,
+        plan: stl.PayoutPlan | None = None,
     ) -> Row:
         """Hold, pay on chain, then post or void. Returns the final withdrawal row.
 
@@ -388,7 +457,9 @@ class EvmWallets:
         if not self.can_withdraw:
             raise WalletNotConfigured("on-chain withdrawals are off: no hot wallet is configured")
         if not isinstance(to_address, str) or not is_address(to_address):
-            raise BillingError("to_address is not an EVM address", code="invalid_address", status=422)
+            raise BillingError(
+                "to_address is not an EVM address", code="invalid_address", status=422
+            )
         to = to_checksum_address(to_address)
         asset = self.config.asset
         plan, amount = await settlement_plan(self.store, owner_id, source, asset, amount, plan)
@@ -400,25 +471,48 @@ class EvmWallets:
                 # account); any refusal below raises, so claim and debit roll back together.
                 await stl.claim_payout(tx, owner_id, asset, wid, plan, now)
             ok = await tx.transfer(
-                Transfer(new_id("tr"), source, j.holding(asset), amount, "hold",
-                         f"hold:{hold_id}", hold_id=hold_id),
-                guard=True, now=now,
+                Transfer(
+                    new_id("tr"),
+                    source,
+                    j.holding(asset),
+                    amount,
+                    "hold",
+                    f"hold:{hold_id}",
+                    hold_id=hold_id,
+                ),
+                guard=True,
+                now=now,
             )
             if not ok:
                 if plan is not None:
-                    raise InsufficientEarnings("the provider's earnings do not cover these settlements")
+                    raise InsufficientEarnings(
+                        "the provider's earnings do not cover these settlements"
+                    )
                 return False
             await tx.execute(
                 "INSERT INTO holds (id, account_id, asset, amount, status, usage_id, expires_at,"
                 " created_at) VALUES ($1, $2, $3, $4, 'pending', NULL, $5, $6)",
-                hold_id, source.id, asset, amount, now + _WITHDRAWAL_HOLD_TTL_MS, now,
+                hold_id,
+                source.id,
+                asset,
+                amount,
+                now + _WITHDRAWAL_HOLD_TTL_MS,
+                now,
             )
             await tx.execute(
                 "INSERT INTO withdrawals (id, owner_id, method, asset, amount, source_account,"
                 " destination, chain, status, hold_id, created_at, updated_at)"
                 " VALUES ($1, $2, 'onchain', $3, $4, $5, $6, $7, $8, $9, $10, $10)",
-                wid, owner_id, asset, amount, source.id, to, str(self.config.chain_id), SENDING,
-                hold_id, now,
+                wid,
+                owner_id,
+                asset,
+                amount,
+                source.id,
+                to,
+                str(self.config.chain_id),
+                SENDING,
+                hold_id,
+                now,
             )
             return True
 
@@ -443,7 +537,9 @@ class EvmWallets:
         except Exception as exc:  # nothing was sent yet: any failure is clean
             return await self._void(w, f"EVM node unreachable: {exc}")
         try:
-            tx_hash = await self.evm.send_token(w["destination"], int(w["amount"]), token=self.config.token)
+            tx_hash = await self.evm.send_token(
+                w["destination"], int(w["amount"]), token=self.config.token
+            )
         except PayoutFailed as exc:
             if exc.code in _PAYOUT_DEFINITELY_FAILED:
                 return await self._void(w, f"{exc.code}: {exc.message}")
@@ -518,12 +614,16 @@ class EvmWallets:
         """An operator's decision on an ``unknown`` payout, after checking the chain."""
         w = await self._reload(wid)
         if w["status"] != UNKNOWN:
-            raise BillingError(f"withdrawal is {w['status']}, not unknown", code="not_unknown", status=409)
+            raise BillingError(
+                f"withdrawal is {w['status']}, not unknown", code="not_unknown", status=409
+            )
         now = now_ms()
         if paid:
             await self._post(w, tx_hash.lower() if tx_hash else None)
         else:
-            await self.writer.submit(lambda tx: void_withdrawal_hold(tx, w, "voided by operator", now))
+            await self.writer.submit(
+                lambda tx: void_withdrawal_hold(tx, w, "voided by operator", now)
+            )
         return await self._reload(wid)
 
     async def reconcile_all(self) -> int:
@@ -575,7 +675,11 @@ def _log_value(data: Any) -> int:
 
 
 async def settlement_plan(
-    store: Store, owner_id: str, source: Account, asset: str, amount: int | None,
+    store: Store,
+    owner_id: str,
+    source: Account,
+    asset: str,
+    amount: int | None,
     plan: stl.PayoutPlan | None,
 ) -> tuple[stl.PayoutPlan | None, int]:
     """The settlements a withdrawal pays, and its amount: (None, amount) from a wallet.
@@ -585,16 +689,24 @@ async def settlement_plan(
     """
     if source.kind != "earnings":
         if plan is not None:
-            raise BillingError("only a withdrawal from earnings pays settlements",
-                               code="validation_error", status=422)
+            raise BillingError(
+                "only a withdrawal from earnings pays settlements",
+                code="validation_error",
+                status=422,
+            )
         if amount is None or amount <= 0:
-            raise BillingError("amount must be greater than zero", code="invalid_amount", status=422)
+            raise BillingError(
+                "amount must be greater than zero", code="invalid_amount", status=422
+            )
         return None, amount
     if plan is None:
         plan = await stl.plan_payout(store, owner_id, asset, amount=amount)
     elif amount is not None and amount != plan.amount:
-        raise BillingError(f"amount {amount} is not the net of these settlements ({plan.amount})",
-                           code="amount_mismatch", status=422)
+        raise BillingError(
+            f"amount {amount} is not the net of these settlements ({plan.amount})",
+            code="amount_mismatch",
+            status=422,
+        )
     return plan, plan.amount
 
 

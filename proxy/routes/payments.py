@@ -91,7 +91,14 @@ async def on_startup(app: web.Application, rt: Runtime) -> None:
                 processor: Any = x402r.FacilitatorX402Processor(s.x402_facilitator_url, rails)
             else:
                 processor = x402r.LocalX402Processor(rails, {r.chain_id: evm_client for r in rails})
-            x402 = X402Gateway(processor, rails, rt.writer, rt.meter, asset=s.default_asset)
+            x402 = X402Gateway(
+                processor,
+                rails,
+                rt.writer,
+                rt.meter,
+                asset=s.default_asset,
+                chain_rail=f"eip155:{node_chain}",
+            )
             if s.evm_token_address:
                 evm_terms = EvmTerms(
                     node_chain,

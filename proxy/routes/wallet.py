@@ -32,6 +32,7 @@ from billing.wallets import (
     chain_names,
     journal_lines,
     list_withdrawals,
+    recover_claim_signer,
     source_account,
     withdrawal_view,
 )
@@ -51,7 +52,8 @@ def evm_wallets(rt: Runtime) -> EvmWallets:
     w: EvmWallets | None = getattr(rt, "evm_wallets", None)
     if w is None:
         raise ApiError(
-            503, "evm_not_configured",
+            503,
+            "evm_not_configured",
             "on-chain wallets are not configured on this server (evm_rpc_url, evm_token_address)",
         )
     return w
@@ -82,7 +84,9 @@ def _line_view(rt: Runtime, line: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def render_withdrawal(rt: Runtime, w: Any, settlement_ids: list[str] | None = None) -> dict[str, Any]:
+def render_withdrawal(
+    rt: Runtime, w: Any, settlement_ids: list[str] | None = None
+) -> dict[str, Any]:
     out = withdrawal_view(w)
     out["amount_units"] = out["amount"]
     out["amount"] = _fmt(rt, out["amount"])
@@ -103,7 +107,9 @@ async def balance(request: web.Request) -> web.Response:
     rt, key = await _caller(request)
     per_asset = await balances(rt.store, key.owner_id)
     if not any(b["asset"] == rt.settings.default_asset for b in per_asset):
-        per_asset.insert(0, {"asset": rt.settings.default_asset, "available": 0, "earnings": 0, "held": 0})
+        per_asset.insert(
+            0, {"asset": rt.settings.default_asset, "available": 0, "earnings": 0, "held": 0}
+        )
     recent, _ = await journal_lines(rt.store, key.owner_id, limit=10)
     return json_response(
         {
@@ -151,9 +157,11 @@ async def withdrawals(request: web.Request) -> web.Response:
 
 
 def _check_chain(rt: Runtime, data: dict[str, Any]) -> None:
+    wallets = getattr(rt, "evm_wallets", None)
+    chain_id = wallets.config.chain_id if wallets is not None else rt.settings.evm_chain_id
     chain = data.get("chain", "evm")
-    if not isinstance(chain, str) or chain.lower() not in chain_names(rt.settings.evm_chain_id):
-        names = ", ".join(sorted(chain_names(rt.settings.evm_chain_id)))
+    if not isinstance(chain, str) or chain.lower() not in chain_names(chain_id):
+        names = ", ".join(sorted(chain_names(chain_id)))
         raise fail("chain", f"chain must be one of: {names}")
 
 
@@ -165,12 +173,18 @@ async def deposit(request: web.Request) -> web.Response:
     _check_chain(rt, data)
     # The client's figure is only compared with the chain's, never credited.
     claimed = _amount(rt, data) if data.get("amount") is not None else None
-    rows = await rt.store.fetch(
-        "SELECT DISTINCT wallet_address FROM api_keys WHERE owner_id = $1 AND status = 'active'"
-        " AND wallet_address IS NOT NULL",
-        key.owner_id,
-    )
-    res = await wallets.deposit(key.owner_id, tx_hash, [str(r["wallet_address"]) for r in rows])
+    signature = data.get("signature")
+    signers: list[str] = []
+    if signature is not None:
+        if not isinstance(signature, str) or len(signature) > 200:
+            raise fail("signature", "signature must be a hex string")
+        signer = recover_claim_signer(key.owner_id, tx_hash, signature)
+        if signer is None:
+            raise fail(
+                "signature", "signature is not a valid EIP-191 signature of the claim message"
+            )
+        signers.append(signer)
+    res = await wallets.deposit(key.owner_id, tx_hash, signers)
     body = {
         "status": "credited",
         "payment_id": res["payment_id"],
@@ -182,7 +196,9 @@ async def deposit(request: web.Request) -> web.Response:
         "block_number": res["block_number"],
     }
     if claimed is not None and claimed != res["amount"]:
-        body["note"] = f"credited the {body['amount']} the chain shows, not the {_fmt(rt, claimed)} claimed"
+        body["note"] = (
+            f"credited the {body['amount']} the chain shows, not the {_fmt(rt, claimed)} claimed"
+        )
     return json_response(body, status=201)
 
 
@@ -199,7 +215,8 @@ def _settlement_ids(data: dict[str, Any]) -> list[str] | None:
     if many is None:
         return None
     if (
-        not isinstance(many, list) or not many
+        not isinstance(many, list)
+        or not many
         or not all(isinstance(x, str) and x.strip() and len(x) <= 128 for x in many)
     ):
         raise fail("settlement_ids", "settlement_ids must be a non-empty list of settlement ids")
@@ -223,13 +240,19 @@ async def withdraw(request: web.Request) -> web.Response:
     if settlement_ids and source_name != "earnings":
         raise fail("settlement_ids", "settlements are paid from earnings (source earnings)")
     # From earnings the amount is the settlements' net: optional, checked if given.
-    amount = _amount(rt, data) if source_name == "wallet" or data.get("amount") is not None else None
+    amount = (
+        _amount(rt, data) if source_name == "wallet" or data.get("amount") is not None else None
+    )
     asset = rt.settings.default_asset
     source = source_account(key.owner_id, source_name, asset)
     method = data.get("method")
     chain = data.get("chain")
     if method is None:
-        method = "stripe_connect" if isinstance(chain, str) and chain.lower() in CONNECT_METHODS else "onchain"
+        method = (
+            "stripe_connect"
+            if isinstance(chain, str) and chain.lower() in CONNECT_METHODS
+            else "onchain"
+        )
     if method not in CONNECT_METHODS and method != "onchain":
         raise fail("method", "method must be onchain or stripe_connect")
     plan: stl.PayoutPlan | None = None
@@ -238,16 +261,18 @@ async def withdraw(request: web.Request) -> web.Response:
 
         topups = topups_of(rt)
         if source_name == "earnings":
-            plan = await stl.plan_payout(rt.store, key.owner_id, asset,
-                                         settlement_ids=settlement_ids, amount=amount)
+            plan = await stl.plan_payout(
+                rt.store, key.owner_id, asset, settlement_ids=settlement_ids, amount=amount
+            )
         w = await topups.withdraw_to_connect(key.owner_id, source, amount, plan=plan)
     else:
         wallets = evm_wallets(rt)
         _check_chain(rt, data)
         to_address = req_str(data, "to_address", max_len=100)
         if source_name == "earnings":
-            plan = await stl.plan_payout(rt.store, key.owner_id, asset,
-                                         settlement_ids=settlement_ids, amount=amount)
+            plan = await stl.plan_payout(
+                rt.store, key.owner_id, asset, settlement_ids=settlement_ids, amount=amount
+            )
         w = await wallets.withdraw(key.owner_id, source, amount, to_address, plan=plan)
     paid = list(plan.settlement_ids) if plan is not None else []
     view = render_withdrawal(rt, w, paid)
@@ -260,8 +285,11 @@ async def withdraw(request: web.Request) -> web.Response:
     if w["status"] in (FAILED, REVERSED):
         what = "hold was voided" if w["status"] == FAILED else "debit was reversed"
         raise ApiError(
-            502, "payout_failed", f"the payout failed and the {what}: {w['error']}",
-            withdrawal_id=w["id"], settlement_ids=paid,
+            502,
+            "payout_failed",
+            f"the payout failed and the {what}: {w['error']}",
+            withdrawal_id=w["id"],
+            settlement_ids=paid,
         )
     return json_response({"withdrawal": view}, status=202)
 
@@ -282,9 +310,16 @@ async def on_startup(app: web.Application, rt: Runtime) -> None:
         hot_wallet_key=s.evm_hot_wallet_private_key,
         payout_token=s.evm_token_address,
     )
+    # The node's own chain id keys deposits in `payments`, exactly as invoices
+    # and x402 settlements do: one transaction is one payment across all three.
+    node_chain = await evm.chain_id()
     config = EvmWalletConfig(
-        token=s.evm_token_address, pay_to=s.evm_pay_to, confirmations=s.evm_confirmations,
-        chain_id=s.evm_chain_id, asset=s.default_asset, decimals=s.asset_decimals,
+        token=s.evm_token_address,
+        pay_to=s.evm_pay_to,
+        confirmations=s.evm_confirmations,
+        chain_id=node_chain,
+        asset=s.default_asset,
+        decimals=s.asset_decimals,
     )
     wallets = EvmWallets(rt.store, rt.writer, evm, config)
     rt.evm_wallets = wallets  # type: ignore[attr-defined]

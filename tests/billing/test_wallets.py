@@ -72,7 +72,9 @@ def hot_wallet(chain: EvmChain, usdc: str) -> LocalAccount:
     return acct
 
 
-def evm_settings(node: JsonRpcServer, chain: EvmChain, usdc: str, pay_to: str, hot: LocalAccount) -> dict:
+def evm_settings(
+    node: JsonRpcServer, chain: EvmChain, usdc: str, pay_to: str, hot: LocalAccount
+) -> dict:
     return {
         "evm_rpc_url": node.url,
         "evm_chain_id": chain.chain_id,
@@ -85,8 +87,13 @@ def evm_settings(node: JsonRpcServer, chain: EvmChain, usdc: str, pay_to: str, h
 
 @pytest.fixture
 async def tw(
-    db_url: str, tmp_path, node: JsonRpcServer, chain: EvmChain, usdc: str,
-    deposit_address: str, hot_wallet: LocalAccount,
+    db_url: str,
+    tmp_path,
+    node: JsonRpcServer,
+    chain: EvmChain,
+    usdc: str,
+    deposit_address: str,
+    hot_wallet: LocalAccount,
 ) -> AsyncIterator[InProcess]:
     t = await start_inprocess(
         db_url, tmp=str(tmp_path), **evm_settings(node, chain, usdc, deposit_address, hot_wallet)
@@ -102,6 +109,17 @@ async def buyer_key(tw: InProcess, owner: str, wallet_address: str | None = None
     st, data, _ = await tw.api("POST", "/api/v1/keys", json=body)
     assert st == 201, data
     return f"{data['key_id']}:{data['secret']}"
+
+
+def claim(owner: str, tx: str, signer) -> str:
+    """The sender's EIP-191 signature of the deposit claim for ``owner``."""
+    from eth_account.messages import encode_defunct
+
+    from billing.wallets import deposit_claim_message
+
+    return signer.sign_message(
+        encode_defunct(text=deposit_claim_message(owner, tx))
+    ).signature.hex()
 
 
 async def wallet_units(tw: InProcess, owner: str) -> int:
@@ -129,7 +147,15 @@ async def test_real_transfer_credits_exactly_its_amount_once(
 
     # The client's figure is not what gets credited: the chain's is.
     st, body, _ = await tw.api(
-        "POST", "/api/v1/wallet/deposit", key, json={"tx_hash": tx, "amount": "999.00", "chain": "evm"}
+        "POST",
+        "/api/v1/wallet/deposit",
+        key,
+        json={
+            "tx_hash": tx,
+            "amount": "999.00",
+            "chain": "evm",
+            "signature": claim("alice", tx, payer),
+        },
     )
     assert st == 201, body
     assert body["amount"] == "2.345678" and body["amount_units"] == 2_345_678
@@ -137,16 +163,31 @@ async def test_real_transfer_credits_exactly_its_amount_once(
     assert await wallet_units(tw, "alice") == 2_345_678
 
     # Already used: sequentially, and by concurrent replays.
-    st, body, _ = await tw.api("POST", "/api/v1/wallet/deposit", key, json={"tx_hash": tx})
+    st, body, _ = await tw.api(
+        "POST",
+        "/api/v1/wallet/deposit",
+        key,
+        json={"tx_hash": tx, "signature": claim("alice", tx, payer)},
+    )
     assert st == 409 and body["error"]["code"] == "tx_already_used"
     tx2 = chain.transfer_token(usdc, payer, deposit_address, 1_000_000)
     results = await asyncio.gather(
-        *(tw.api("POST", "/api/v1/wallet/deposit", key, json={"tx_hash": tx2}) for _ in range(8))
+        *(
+            tw.api(
+                "POST",
+                "/api/v1/wallet/deposit",
+                key,
+                json={"tx_hash": tx2, "signature": claim("alice", tx2, payer)},
+            )
+            for _ in range(8)
+        )
     )
     statuses = sorted(r[0] for r in results)
     assert statuses == [201] + [409] * 7, statuses
     assert await wallet_units(tw, "alice") == 3_345_678
-    rows = await tw.rt.store.fetch("SELECT rail, external_ref, amount FROM payments ORDER BY amount")
+    rows = await tw.rt.store.fetch(
+        "SELECT rail, external_ref, amount FROM payments ORDER BY amount"
+    )
     assert [(r["rail"], r["external_ref"], r["amount"]) for r in rows] == [
         (f"eip155:{chain.chain_id}", tx2.lower(), 1_000_000),
         (f"eip155:{chain.chain_id}", tx.lower(), 2_345_678),
@@ -163,7 +204,12 @@ async def test_unverified_foreign_and_misdirected_deposits_are_refused(
     key = await buyer_key(tw, "bob", payer.address)
 
     async def refused(tx_hash: str, code: str, status: int = 422) -> None:
-        st, body, _ = await tw.api("POST", "/api/v1/wallet/deposit", key, json={"tx_hash": tx_hash})
+        st, body, _ = await tw.api(
+            "POST",
+            "/api/v1/wallet/deposit",
+            key,
+            json={"tx_hash": tx_hash, "signature": claim("bob", tx_hash, payer)},
+        )
         assert st == status and body["error"]["code"] == code, body
 
     # A hash the chain never saw.
@@ -171,22 +217,39 @@ async def test_unverified_foreign_and_misdirected_deposits_are_refused(
     # Not even a hash.
     await refused("0x1234", "invalid_tx_hash")
     # Another token to the right address.
-    await refused(chain.transfer_token(other_token, payer, deposit_address, 5 * USDC), "wrong_token")
+    await refused(
+        chain.transfer_token(other_token, payer, deposit_address, 5 * USDC), "wrong_token"
+    )
     # The right token to someone else.
-    await refused(chain.transfer_token(usdc, payer, Account.create().address, USDC), "wrong_recipient")
+    await refused(
+        chain.transfer_token(usdc, payer, Account.create().address, USDC), "wrong_recipient"
+    )
     # A transfer that reverted on chain (more than the payer holds, mined with fixed gas).
-    await refused(chain.transfer_token(usdc, payer, deposit_address, 10**12, gas=200_000), "tx_failed")
+    await refused(
+        chain.transfer_token(usdc, payer, deposit_address, 10**12, gas=200_000), "tx_failed"
+    )
     # A real deposit sent by someone else's wallet: not bob's to claim.
     stranger = chain.new_account()
     chain.mint(usdc, stranger.address, USDC)
-    await refused(chain.transfer_token(usdc, stranger, deposit_address, USDC), "payer_not_registered", 403)
-    # A buyer with no registered address cannot claim deposits at all.
-    anon = await buyer_key(tw, "anon")
-    st, body, _ = await tw.api(
-        "POST", "/api/v1/wallet/deposit", anon,
-        json={"tx_hash": chain.transfer_token(usdc, payer, deposit_address, USDC)},
+    await refused(
+        chain.transfer_token(usdc, stranger, deposit_address, USDC), "payer_not_signer", 403
     )
-    assert st == 422 and body["error"]["code"] == "wallet_address_required"
+    # Without a signature by the sender, a claim proves nothing: a wallet
+    # address written on a key is not enough (anyone can write anyone's).
+    mallory = await buyer_key(tw, "mallory", payer.address)
+    victim_tx = chain.transfer_token(usdc, payer, deposit_address, USDC)
+    st, body, _ = await tw.api(
+        "POST", "/api/v1/wallet/deposit", mallory, json={"tx_hash": victim_tx}
+    )
+    assert st == 422 and body["error"]["code"] == "signature_required"
+    # A signature made for another owner does not transfer to mallory.
+    st, body, _ = await tw.api(
+        "POST",
+        "/api/v1/wallet/deposit",
+        mallory,
+        json={"tx_hash": victim_tx, "signature": claim("bob", victim_tx, payer)},
+    )
+    assert st == 403 and body["error"]["code"] == "payer_not_signer"
     # A chain we do not serve.
     st, body, _ = await tw.api(
         "POST", "/api/v1/wallet/deposit", key, json={"tx_hash": "0x" + "1" * 64, "chain": "solana"}
@@ -221,8 +284,12 @@ async def test_twenty_concurrent_withdrawals_against_five_pay_exactly_five(
     sampling = asyncio.create_task(sampler())
     results = await asyncio.gather(
         *(
-            tw.api("POST", "/api/v1/wallet/withdraw", key,
-                   json={"amount": "1.00", "to_address": recipient, "chain": "evm"})
+            tw.api(
+                "POST",
+                "/api/v1/wallet/withdraw",
+                key,
+                json={"amount": "1.00", "to_address": recipient, "chain": "evm"},
+            )
             for _ in range(20)
         )
     )
@@ -274,9 +341,12 @@ async def test_failed_payout_voids_its_hold(
         assert hold["status"] == "voided" and hold["amount"] == 2 * USDC
         st, body, _ = await tw.api("GET", "/api/v1/wallet/withdrawals", key)
         assert [(w["id"], w["status"]) for w in body["withdrawals"]] == [(wid, "failed")]
-        kinds = [r["kind"] for r in await tw.rt.store.fetch(
-            "SELECT kind FROM transfers WHERE hold_id IS NOT NULL ORDER BY created_at, kind"
-        )]
+        kinds = [
+            r["kind"]
+            for r in await tw.rt.store.fetch(
+                "SELECT kind FROM transfers WHERE hold_id IS NOT NULL ORDER BY created_at, kind"
+            )
+        ]
         assert sorted(kinds) == ["hold", "withdrawal_void"]
 
         # A payout that fits still goes through after the failure.
@@ -299,10 +369,16 @@ async def test_withdrawal_input_is_checked_before_any_hold(tw: InProcess) -> Non
         ({"amount": 0.5, "to_address": Account.create().address}, 422, "validation_error"),
         ({"amount": "0", "to_address": Account.create().address}, 422, "validation_error"),
         ({"amount": "0.5"}, 422, "validation_error"),
-        ({"amount": "0.5", "to_address": Account.create().address, "source": "earnings"}, 422,
-         "validation_error"),
-        ({"amount": "0.5", "to_address": Account.create().address, "method": "paypal"}, 422,
-         "validation_error"),
+        (
+            {"amount": "0.5", "to_address": Account.create().address, "source": "earnings"},
+            422,
+            "validation_error",
+        ),
+        (
+            {"amount": "0.5", "to_address": Account.create().address, "method": "paypal"},
+            422,
+            "validation_error",
+        ),
     ]
     for body, status, code in cases:
         st, data, _ = await tw.api("POST", "/api/v1/wallet/withdraw", key, json=body)
@@ -312,7 +388,9 @@ async def test_withdrawal_input_is_checked_before_any_hold(tw: InProcess) -> Non
     await assert_ledger_clean(tw)
 
 
-async def _start_node_without_receipts(target_url: str) -> tuple[web.AppRunner, str, aiohttp.ClientSession]:
+async def _start_node_without_receipts(
+    target_url: str,
+) -> tuple[web.AppRunner, str, aiohttp.ClientSession]:
     """A JSON-RPC front that forwards everything to the real node except receipt
     lookups, which fail as an overloaded node fails: the payout is broadcast and
     mined, but Tollway cannot learn it."""
@@ -324,8 +402,12 @@ async def _start_node_without_receipts(target_url: str) -> tuple[web.AppRunner, 
         methods = {r.get("method") for r in (req if isinstance(req, list) else [req])}
         if "eth_getTransactionReceipt" in methods:
             return web.Response(status=503, text="node overloaded")
-        async with session.post(target_url, data=body, headers={"Content-Type": "application/json"}) as r:
-            return web.Response(status=r.status, body=await r.read(), content_type="application/json")
+        async with session.post(
+            target_url, data=body, headers={"Content-Type": "application/json"}
+        ) as r:
+            return web.Response(
+                status=r.status, body=await r.read(), content_type="application/json"
+            )
 
     app = web.Application()
     app.router.add_post("/", handle)
@@ -338,8 +420,13 @@ async def _start_node_without_receipts(target_url: str) -> tuple[web.AppRunner, 
 
 
 async def test_unknown_payout_outcome_keeps_the_hold_and_reconciles_from_chain(
-    db_url: str, tmp_path, node: JsonRpcServer, chain: EvmChain, usdc: str,
-    deposit_address: str, hot_wallet: LocalAccount,
+    db_url: str,
+    tmp_path,
+    node: JsonRpcServer,
+    chain: EvmChain,
+    usdc: str,
+    deposit_address: str,
+    hot_wallet: LocalAccount,
 ) -> None:
     runner, flaky_url, session = await _start_node_without_receipts(node.url)
     settings = evm_settings(node, chain, usdc, deposit_address, hot_wallet)
@@ -391,7 +478,9 @@ class Provider:
         self.periods = 0
 
     @classmethod
-    async def make(cls, tw: InProcess, upstream: Upstream, owner: str, price: str = "0.10") -> Provider:
+    async def make(
+        cls, tw: InProcess, upstream: Upstream, owner: str, price: str = "0.10"
+    ) -> Provider:
         key = await tw.key(owner, "provider")
         service = await tw.service(key, upstream.url, price=price)
         buyer = await tw.key(f"buyer_of_{owner}")
@@ -407,8 +496,11 @@ class Provider:
         """Settle everything unsettled (each settlement a new, wider period around now)."""
         self.periods += 1
         now = now_ms()
-        body = {"provider_id": self.owner, "period_start": _iso(now - self.periods * DAY),
-                "period_end": _iso(now + self.periods * DAY)}
+        body = {
+            "provider_id": self.owner,
+            "period_start": _iso(now - self.periods * DAY),
+            "period_end": _iso(now + self.periods * DAY),
+        }
         st, s, _ = await self.tw.api("POST", "/api/v1/settlements", self.tw.admin, json=body)
         assert st == 201 and s["status"] == "pending", s
         return s
@@ -420,9 +512,12 @@ class Provider:
         return int(v or 0)
 
     async def earnings_holds(self) -> int:
-        return int(await self.tw.rt.store.fetchval(
-            "SELECT COUNT(*) FROM holds WHERE account_id = $1", j.earnings(self.owner, "USDC").id
-        ))
+        return int(
+            await self.tw.rt.store.fetchval(
+                "SELECT COUNT(*) FROM holds WHERE account_id = $1",
+                j.earnings(self.owner, "USDC").id,
+            )
+        )
 
     async def settlement(self, sid: str) -> dict:
         st, s, _ = await self.tw.api("GET", f"/api/v1/settlements/{sid}", self.key)
@@ -440,13 +535,17 @@ class Provider:
         await self.tw.rt.store.execute(
             "INSERT INTO webhooks (id, owner_id, url, events, secret, active, created_at)"
             " VALUES ($1, $2, 'https://hooks.invalid/x', $3, 'whsec', 1, $4)",
-            f"wh_{self.owner}", self.owner, json.dumps(["settlement.completed"]), now_ms(),
+            f"wh_{self.owner}",
+            self.owner,
+            json.dumps(["settlement.completed"]),
+            now_ms(),
         )
 
     async def completed_events(self) -> list[dict]:
         rows = await self.tw.rt.store.fetch(
             "SELECT body FROM webhook_deliveries WHERE owner_id = $1 AND event = 'settlement.completed'"
-            " ORDER BY created_at", self.owner,
+            " ORDER BY created_at",
+            self.owner,
         )
         return [json.loads(r["body"])["payload"] for r in rows]
 
@@ -469,18 +568,34 @@ async def test_earnings_withdrawal_pays_its_settlement_and_patch_pay_then_gets_4
     assert st == 200, body
     w = body["withdrawal"]
     assert (w["status"], w["source"], w["amount_units"], w["settlement_ids"]) == (
-        "paid", "earnings", s1["net_units"], [s1["id"]])
+        "paid",
+        "earnings",
+        s1["net_units"],
+        [s1["id"]],
+    )
     assert chain.token_balance(usdc, recipient) == s1["net_units"]
     paid = await p.settlement(s1["id"])
-    assert (paid["status"], paid["payment_tx"], paid["withdrawal_id"]) == ("completed", w["tx_hash"], w["id"])
+    assert (paid["status"], paid["payment_tx"], paid["withdrawal_id"]) == (
+        "completed",
+        w["tx_hash"],
+        w["id"],
+    )
     assert paid["paid_at"] is not None
     assert await p.earnings() == 0
     (event,) = await p.completed_events()
-    assert (event["id"], event["status"], event["payment_tx"]) == (s1["id"], "completed", w["tx_hash"])
+    assert (event["id"], event["status"], event["payment_tx"]) == (
+        s1["id"],
+        "completed",
+        w["tx_hash"],
+    )
 
     # Paid by the withdrawal: paying it outside Tollway too is refused, and so is a second withdrawal.
-    st, err, _ = await tw.api("PATCH", f"/api/v1/settlements/{s1['id']}/pay", tw.admin, json={"payment_tx": "0xdd"})
-    assert st == 409 and err["error"]["code"] == "already_paid" and w["id"] in err["error"]["message"]
+    st, err, _ = await tw.api(
+        "PATCH", f"/api/v1/settlements/{s1['id']}/pay", tw.admin, json={"payment_tx": "0xdd"}
+    )
+    assert (
+        st == 409 and err["error"]["code"] == "already_paid" and w["id"] in err["error"]["message"]
+    )
     st, err = await p.withdraw(settlement_id=s1["id"], to_address=recipient)
     assert st == 409 and err["error"]["code"] == "already_paid", err
     assert (await p.settlement(s1["id"]))["payment_tx"] == w["tx_hash"]
@@ -501,17 +616,29 @@ async def test_earnings_withdrawal_pays_its_settlement_and_patch_pay_then_gets_4
         st, err = await p.withdraw(source="earnings", amount=ask, to_address=recipient)
         assert st == 409 and err["error"]["code"] == "no_matching_settlement", (ask, err)
     # Named settlements: an amount, if given, must be their net.
-    st, err = await p.withdraw(settlement_ids=[s2["id"], s3["id"]], amount="0.26", to_address=recipient)
+    st, err = await p.withdraw(
+        settlement_ids=[s2["id"], s3["id"]], amount="0.26", to_address=recipient
+    )
     assert st == 422 and err["error"]["code"] == "amount_mismatch", err
     # Another provider's settlement is not found; a buyer has no earnings; a wallet pays no settlement.
     other = await tw.key("prov_other", "provider")
-    st, err, _ = await tw.api("POST", "/api/v1/wallet/withdraw", other,
-                              json={"settlement_id": s2["id"], "to_address": recipient})
+    st, err, _ = await tw.api(
+        "POST",
+        "/api/v1/wallet/withdraw",
+        other,
+        json={"settlement_id": s2["id"], "to_address": recipient},
+    )
     assert st == 404 and err["error"]["code"] == "settlement_not_found", err
-    st, err, _ = await tw.api("POST", "/api/v1/wallet/withdraw", p.buyer,
-                              json={"settlement_id": s2["id"], "to_address": recipient})
+    st, err, _ = await tw.api(
+        "POST",
+        "/api/v1/wallet/withdraw",
+        p.buyer,
+        json={"settlement_id": s2["id"], "to_address": recipient},
+    )
     assert st == 422 and err["error"]["field"] == "source", err
-    st, err = await p.withdraw(source="wallet", settlement_id=s2["id"], amount="0.18", to_address=recipient)
+    st, err = await p.withdraw(
+        source="wallet", settlement_id=s2["id"], amount="0.18", to_address=recipient
+    )
     assert st == 422 and err["error"]["field"] == "settlement_ids", err
     assert chain.token_balance(usdc, recipient) == s1["net_units"]
     assert await p.earnings_holds() == 1
@@ -520,16 +647,24 @@ async def test_earnings_withdrawal_pays_its_settlement_and_patch_pay_then_gets_4
     st, body = await p.withdraw(source="earnings", amount="0.27", to_address=recipient)
     assert st == 200, body
     w2 = body["withdrawal"]
-    assert w2["amount_units"] == 270_000 and sorted(w2["settlement_ids"]) == sorted([s2["id"], s3["id"]])
+    assert w2["amount_units"] == 270_000 and sorted(w2["settlement_ids"]) == sorted(
+        [s2["id"], s3["id"]]
+    )
     for s in (s2, s3):
         got = await p.settlement(s["id"])
-        assert (got["status"], got["payment_tx"], got["withdrawal_id"]) == ("completed", w2["tx_hash"], w2["id"])
+        assert (got["status"], got["payment_tx"], got["withdrawal_id"]) == (
+            "completed",
+            w2["tx_hash"],
+            w2["id"],
+        )
     assert await p.earnings() == 0
     assert chain.token_balance(usdc, recipient) == 540_000
     assert {e["id"] for e in await p.completed_events()} == {s1["id"], s2["id"], s3["id"]}
     st, listed, _ = await tw.api("GET", "/api/v1/wallet/withdrawals", p.key)
     assert {x["id"]: sorted(x["settlement_ids"]) for x in listed["withdrawals"]} == {
-        w["id"]: [s1["id"]], w2["id"]: sorted([s2["id"], s3["id"]])}
+        w["id"]: [s1["id"]],
+        w2["id"]: sorted([s2["id"], s3["id"]]),
+    }
     await assert_ledger_clean(tw)
 
 
@@ -539,16 +674,24 @@ async def test_patch_pay_first_then_the_withdrawal_is_refused(
     p = await Provider.make(tw, upstream, "prov_p")
     await p.earn(2)
     s1 = await p.settle()
-    st, _, _ = await tw.api("PATCH", f"/api/v1/settlements/{s1['id']}/pay", tw.admin, json={"payment_tx": "bank-7"})
+    st, _, _ = await tw.api(
+        "PATCH", f"/api/v1/settlements/{s1['id']}/pay", tw.admin, json={"payment_tx": "bank-7"}
+    )
     assert st == 200
     assert await p.earnings() == 0
     recipient = Account.create().address
     st, err = await p.withdraw(settlement_id=s1["id"], to_address=recipient)
-    assert st == 409 and err["error"]["code"] == "already_paid" and "bank-7" in err["error"]["message"], err
+    assert (
+        st == 409 and err["error"]["code"] == "already_paid" and "bank-7" in err["error"]["message"]
+    ), err
     st, err = await p.withdraw(source="earnings", amount=s1["net_amount"], to_address=recipient)
     assert st == 409 and err["error"]["code"] == "no_unpaid_settlement", err
     paid = await p.settlement(s1["id"])
-    assert (paid["status"], paid["payment_tx"], paid["withdrawal_id"]) == ("completed", "bank-7", None)
+    assert (paid["status"], paid["payment_tx"], paid["withdrawal_id"]) == (
+        "completed",
+        "bank-7",
+        None,
+    )
     assert chain.token_balance(usdc, recipient) == 0
     assert await tw.rt.store.fetchval("SELECT COUNT(*) FROM withdrawals") == 0
     assert await p.earnings_holds() == 0
@@ -564,11 +707,15 @@ async def test_concurrent_withdrawals_and_patch_pay_one_settlement_once(
     await p.earn(1)  # unsettled: must never leave earnings
     recipient = Account.create().address
     attempts = [p.withdraw(settlement_id=s1["id"], to_address=recipient) for _ in range(6)]
-    attempts += [p.withdraw(source="earnings", amount=s1["net_amount"], to_address=recipient) for _ in range(4)]
+    attempts += [
+        p.withdraw(source="earnings", amount=s1["net_amount"], to_address=recipient)
+        for _ in range(4)
+    ]
 
     async def patch() -> tuple[int, dict]:
-        st, data, _ = await tw.api("PATCH", f"/api/v1/settlements/{s1['id']}/pay", tw.admin,
-                                   json={"payment_tx": "manual"})
+        st, data, _ = await tw.api(
+            "PATCH", f"/api/v1/settlements/{s1['id']}/pay", tw.admin, json={"payment_tx": "manual"}
+        )
         return st, data
 
     results = await asyncio.gather(*attempts, patch(), patch())
@@ -577,19 +724,29 @@ async def test_concurrent_withdrawals_and_patch_pay_one_settlement_once(
     for st, data in results:
         if st != 200:
             assert st == 409 and data["error"]["code"] in (
-                "already_paid", "payout_in_progress", "no_unpaid_settlement", "settlement_changed"), data
+                "already_paid",
+                "payout_in_progress",
+                "no_unpaid_settlement",
+                "settlement_changed",
+            ), data
     paid = await p.settlement(s1["id"])
     assert paid["status"] == "completed"
     by_withdrawal = "withdrawal" in wins[0][1]
     assert chain.token_balance(usdc, recipient) == (s1["net_units"] if by_withdrawal else 0)
     assert await p.earnings() == 90_000
-    assert await tw.rt.store.fetchval(
-        "SELECT COUNT(*) FROM withdrawals WHERE status = 'paid'") == (1 if by_withdrawal else 0)
+    assert await tw.rt.store.fetchval("SELECT COUNT(*) FROM withdrawals WHERE status = 'paid'") == (
+        1 if by_withdrawal else 0
+    )
     await assert_ledger_clean(tw)
 
 
 async def test_failed_onchain_payout_leaves_the_settlement_unpaid_and_earnings_intact(
-    db_url: str, tmp_path, node: JsonRpcServer, chain: EvmChain, usdc: str, deposit_address: str,
+    db_url: str,
+    tmp_path,
+    node: JsonRpcServer,
+    chain: EvmChain,
+    usdc: str,
+    deposit_address: str,
     upstream: Upstream,
 ) -> None:
     poor = chain.new_account()
@@ -610,17 +767,23 @@ async def test_failed_onchain_payout_leaves_the_settlement_unpaid_and_earnings_i
         assert chain.token_balance(usdc, recipient) == 0
         back = await p.settlement(s1["id"])
         assert (back["status"], back["payment_tx"], back["withdrawal_id"], back["paid_at"]) == (
-            "pending", None, None, None)
+            "pending",
+            None,
+            None,
+            None,
+        )
         assert await p.earnings() == s1["net_units"]
         assert await p.completed_events() == []
         st, listed, _ = await tw.api("GET", "/api/v1/wallet/withdrawals", p.key)
         assert [(x["id"], x["status"], x["settlement_ids"]) for x in listed["withdrawals"]] == [
-            (wid, "failed", [s1["id"]])]
+            (wid, "failed", [s1["id"]])
+        ]
         await assert_ledger_clean(tw)
 
         # Unpaid again: it can be paid, once, by either path.
-        st, paid, _ = await tw.api("PATCH", f"/api/v1/settlements/{s1['id']}/pay", tw.admin,
-                                   json={"payment_tx": "wire-1"})
+        st, paid, _ = await tw.api(
+            "PATCH", f"/api/v1/settlements/{s1['id']}/pay", tw.admin, json={"payment_tx": "wire-1"}
+        )
         assert st == 200, paid
         assert await p.earnings() == 0
         assert [e["payment_tx"] for e in await p.completed_events()] == ["wire-1"]
@@ -630,8 +793,14 @@ async def test_failed_onchain_payout_leaves_the_settlement_unpaid_and_earnings_i
 
 
 async def test_unknown_payout_keeps_the_settlement_paying_until_reconciled(
-    db_url: str, tmp_path, node: JsonRpcServer, chain: EvmChain, usdc: str,
-    deposit_address: str, hot_wallet: LocalAccount, upstream: Upstream,
+    db_url: str,
+    tmp_path,
+    node: JsonRpcServer,
+    chain: EvmChain,
+    usdc: str,
+    deposit_address: str,
+    hot_wallet: LocalAccount,
+    upstream: Upstream,
 ) -> None:
     runner, flaky_url, session = await _start_node_without_receipts(node.url)
     settings = evm_settings(node, chain, usdc, deposit_address, hot_wallet)
@@ -646,8 +815,9 @@ async def test_unknown_payout_keeps_the_settlement_paying_until_reconciled(
         assert st == 202 and body["withdrawal"]["status"] == "unknown", body
         paying = await p.settlement(s1["id"])
         assert (paying["status"], paying["withdrawal_id"]) == ("paying", body["withdrawal"]["id"])
-        st, err, _ = await tw.api("PATCH", f"/api/v1/settlements/{s1['id']}/pay", tw.admin,
-                                  json={"payment_tx": "x"})
+        st, err, _ = await tw.api(
+            "PATCH", f"/api/v1/settlements/{s1['id']}/pay", tw.admin, json={"payment_tx": "x"}
+        )
         assert st == 409 and err["error"]["code"] == "payout_in_progress", err
         assert await p.earnings() == 0
         await assert_ledger_clean(tw)

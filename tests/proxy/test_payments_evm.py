@@ -148,7 +148,24 @@ async def test_official_client_pays_v2_and_replay_is_refused(
     assert replay.status_code == 409 and replay.json()["error"]["code"] == "payment_replayed"
     assert upstream.hits == hits
     assert chain.token_balance(tokens["usdc"], merchant) == 2 * PRICE
+    # the settlement's own transfer cannot be claimed again as a wallet deposit
+    await _deposit_refused(tw, payer, settle["transaction"])
     await _ledger_ok(tw)
+
+
+async def _deposit_refused(tw: InProcess, payer: LocalAccount, tx: str) -> None:
+    from eth_account.messages import encode_defunct
+
+    from billing.wallets import deposit_claim_message
+
+    key = await tw.key("claimer")
+    sig = payer.sign_message(
+        encode_defunct(text=deposit_claim_message("claimer", tx))
+    ).signature.hex()
+    st, body, _ = await tw.api(
+        "POST", "/api/v1/wallet/deposit", key, json={"tx_hash": tx, "signature": sig}
+    )
+    assert st == 409 and body["error"]["code"] == "tx_already_used", body
 
 
 async def test_official_client_pays_v1_from_the_json_body(
@@ -281,6 +298,8 @@ async def test_evm_invoice_paid_by_a_real_transfer(
     # the same invoice twice
     st, data, _ = await _pay_invoice(tw, sid, buyer, inv, tx)
     assert st == 409 and data["error"]["code"] == "invoice_already_used"
+    # nor can it be claimed as a wallet deposit
+    await _deposit_refused(tw, payer, tx)
     await _ledger_ok(tw)
 
 
