@@ -77,10 +77,13 @@ class Meter:
             self.hold_ttl_ms,
         )
         window = self.idem_window_ms
+        stale = self.hold_ttl_ms
 
         async def op(tx: Tx) -> tuple[str, str | None, ops.Reserved | None]:
             if idem_key is not None:
-                state, prior = await ops.claim_idempotency(tx, buyer_id, idem_key, window)
+                state, prior = await ops.claim_idempotency(
+                    tx, buyer_id, idem_key, window, stale_ms=stale
+                )
                 if state != ops.CLAIMED:
                     return state, prior, None
             reserved = await ops.reserve(tx, res)

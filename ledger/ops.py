@@ -336,9 +336,14 @@ DONE = "done"
 
 
 async def claim_idempotency(
-    tx: Tx, buyer_id: str, key: str, window_ms: int
+    tx: Tx, buyer_id: str, key: str, window_ms: int, stale_ms: int | None = None
 ) -> tuple[str, str | None]:
-    """Claim (buyer, key) for a new call, or say why not: in flight, or done (with its usage id)."""
+    """Claim (buyer, key) for a new call, or say why not: in flight, or done (with its usage id).
+
+    ``stale_ms``: a claim still in flight after this long belongs to a call
+    that died (a crash between the claim and its finish; its hold has expired
+    by then), so the key is free again instead of blocking retries for a day.
+    """
     now = now_ms()
     inserted = await tx.execute(
         "INSERT INTO idempotency_keys (buyer_id, idem_key, state, created_at) VALUES ($1, $2, 'in_flight', $3)"
@@ -349,14 +354,16 @@ async def claim_idempotency(
     )
     if inserted:
         return CLAIMED, None
-    # A key older than the window is free again.
+    # A key older than the window is free again, and so is an abandoned claim.
     renewed = await tx.execute(
         "UPDATE idempotency_keys SET state = 'in_flight', usage_id = NULL, created_at = $3"
-        " WHERE buyer_id = $1 AND idem_key = $2 AND created_at < $4",
+        " WHERE buyer_id = $1 AND idem_key = $2"
+        " AND (created_at < $4 OR (state = 'in_flight' AND created_at < $5))",
         buyer_id,
         key,
         now,
         now - window_ms,
+        now - (stale_ms if stale_ms is not None else window_ms),
     )
     if renewed:
         return CLAIMED, None

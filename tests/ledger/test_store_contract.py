@@ -188,6 +188,25 @@ async def test_idempotency_claims(store: Store):
         # past the window the key is free again
         await tx.execute("UPDATE idempotency_keys SET created_at = 0 WHERE buyer_id = 'bob'")
         assert await ops.claim_idempotency(tx, "bob", "k1", 60_000) == (ops.CLAIMED, None)
+        # a claim abandoned in flight (its call crashed) frees up after stale_ms, a done one does not
+        assert await ops.claim_idempotency(tx, "bob", "k1", 60_000, stale_ms=1000) == (
+            ops.IN_FLIGHT,
+            None,
+        )
+        await tx.execute(
+            "UPDATE idempotency_keys SET created_at = created_at - 5000 WHERE buyer_id = 'bob'"
+        )
+        assert await ops.claim_idempotency(tx, "bob", "k1", 60_000, stale_ms=1000) == (
+            ops.CLAIMED,
+            None,
+        )
+        await tx.execute(
+            "UPDATE idempotency_keys SET state = 'done', usage_id = 'u1', created_at = created_at - 5000 WHERE buyer_id = 'bob'"
+        )
+        assert await ops.claim_idempotency(tx, "bob", "k1", 60_000, stale_ms=1000) == (
+            ops.DONE,
+            "u1",
+        )
 
 
 async def test_verify_reports_each_violation(store: Store):
