@@ -175,7 +175,14 @@ class X402Gateway:
         except (BillingError, Exception) as exc:
             log.warning("x402 settlement failed for %s: %s", call.payment_id, exc)
             outcome.charge, outcome.fee = 0, 0
-            await self._mark(call.payment_id, "failed", {"error": str(exc)})
+            # A revert or a used nonce moved nothing; a timeout or a dropped
+            # connection may have: keep the reservation as "unknown" for an
+            # operator to reconcile on chain, never release it for reuse.
+            known = (
+                isinstance(exc, (PaymentConflict, PaymentRejected))
+                and exc.code != "settlement_failed"
+            )
+            await self._mark(call.payment_id, "failed" if known else "unknown", {"error": str(exc)})
             await self.meter.finish(_unserved(outcome))
             if isinstance(exc, BillingError):
                 raise PaymentRejected(
