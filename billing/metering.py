@@ -7,8 +7,9 @@ a batched transaction; neither ever reads or writes the store on its own.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from billing.errors import BillingError, PaymentRequired
 from billing.money import fee_of
@@ -38,6 +39,8 @@ class Ticket:
     fee: int
     free_tier: bool
     idem_key: str | None
+    # When the hold was placed (monotonic seconds): how long it has left.
+    reserved_at: float = field(default_factory=time.monotonic)
 
     @property
     def paid_by_balance(self) -> bool:

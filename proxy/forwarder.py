@@ -38,6 +38,8 @@ from proxy.runtime import RT, Runtime
 
 log = logging.getLogger("tollway.proxy")
 
+# A hold with less life than this left is captured before the headers go out.
+_HOLD_MARGIN_SECONDS = 10.0
 _PAYMENT_RESPONSE = frozenset(("payment-response", "x-payment-response"))
 HOP_BY_HOP = frozenset(
     (
@@ -259,15 +261,26 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
 
     served = up.status < 500
     known_len = up.content_length
-    # The charge commits before the first byte goes out: once a client sees
-    # the headers, its balance and usage already say so.
-    try:
-        charged = await _settle(
-            rt, request, ticket, paid, up.status, t_up, body, known_len or 0, rid, latency=latency
-        )
-    except BillingError:
-        up.release()  # x402 settlement failed: the response is not delivered unpaid
-        raise
+    settle = _settle(
+        rt, request, ticket, paid, up.status, t_up, body, known_len or 0, rid, latency=latency
+    )
+    pending: asyncio.Future[int] | None = None
+    hold_left = rt.settings.hold_ttl_seconds - (time.monotonic() - ticket.reserved_at)
+    if paid is None and hold_left > _HOLD_MARGIN_SECONDS:
+        # The hold already secures the money and has time left, so the headers
+        # need not wait for the capture to commit: it runs while the body
+        # streams, and the last bytes wait for it (a client that has the whole
+        # response can trust its balance and usage).
+        pending = asyncio.ensure_future(settle)
+        charged = ticket.amount if served else 0
+    else:
+        # A payment carried on the request settles first (its response header
+        # names the transaction); so does a call whose hold is about to expire.
+        try:
+            charged = await settle
+        except BillingError:
+            up.release()  # x402 settlement failed: the response is not delivered unpaid
+            raise
     resp = web.StreamResponse(status=up.status, reason=up.reason)
     h = resp.headers
     conn = up.headers.get("Connection")
@@ -305,7 +318,13 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         await resp.prepare(request)
         async for chunk in up.content.iter_any():
             sent += len(chunk)
+            if pending is not None and known_len is not None and sent >= known_len:
+                await pending  # before the bytes that complete the body
+                pending = None
             await resp.write(chunk)
+        if pending is not None:
+            await pending  # before the end of a chunked (e.g. SSE) stream
+            pending = None
     except (ConnectionResetError, aiohttp.ClientError, asyncio.CancelledError) as exc:
         # Mid-body failure after the headers: the call was answered and stays charged.
         log.info("stream %s ended early: %r", ticket.usage_id, exc)
@@ -317,6 +336,8 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         return resp
     finally:
         up.release()
+        if pending is not None:
+            await asyncio.shield(pending)
     counted = body.count if isinstance(body, _Body) else (len(body) if body else 0)
     if known_len is None or (
         isinstance(body, _Body) and counted != (request.content_length or counted)
