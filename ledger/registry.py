@@ -79,8 +79,18 @@ class Registry:
         self.store = store
 
     # ------------------------------------------------------------------ keys
-    async def create_key(self, rec: KeyRecord) -> None:
+    async def create_key(self, rec: KeyRecord, *, new_owner: bool = False) -> bool:
+        """Store a key. With ``new_owner``, the key's owner id must not exist
+        yet; returns False (storing nothing) when another mint claimed it first."""
         async with self.store.transaction() as tx:
+            claimed = await tx.execute(
+                "INSERT INTO owners (owner_id, created_at) VALUES ($1, $2)"
+                " ON CONFLICT (owner_id) DO NOTHING",
+                rec.owner_id,
+                rec.created_at,
+            )
+            if new_owner and not claimed:
+                return False
             await tx.execute(
                 "INSERT INTO api_keys (key_id, owner_id, role, rate_limit, wallet_address, secret_hash,"
                 " status, created_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8)",
@@ -100,6 +110,7 @@ class Registry:
                     rec.owner_id,
                     rec.created_at,
                 )
+        return True
 
     async def get_key(self, key_id: str) -> KeyRecord | None:
         r = await self.store.fetchrow("SELECT * FROM api_keys WHERE key_id = $1", key_id)

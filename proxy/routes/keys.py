@@ -70,9 +70,11 @@ async def create_key(request: web.Request) -> web.Response:
 
     rec, secret = mint_key(owner_id, role, rate_limit, wallet_address)
     try:
-        await rt.registry.create_key(rec)
+        created = await rt.registry.create_key(rec, new_owner=not existing)
     except DuplicateError:  # pragma: no cover - 64 random bits
         raise ApiError(409, "conflict", "key id collision, retry") from None
+    if not created:
+        raise ApiError(409, "owner_taken", "this owner_id was just created by another request")
     if role == "provider" and owner_id not in rt.providers:  # type: ignore[attr-defined]
         rt.providers[owner_id] = rec.created_at  # type: ignore[attr-defined]
     return json_response(

@@ -301,3 +301,18 @@ async def test_ssrf_name_resolving_to_loopback_is_refused_at_connect_time(
             pass
     finally:
         await tw.close()
+
+
+async def test_concurrent_first_mints_for_one_owner_id_give_one_key(tollway: InProcess):
+    import asyncio
+
+    results = await asyncio.gather(
+        *(tollway.api("POST", "/api/v1/keys", json={"owner_id": "newbie"}) for _ in range(10))
+    )
+    statuses = sorted(r[0] for r in results)
+    assert statuses.count(201) == 1, statuses
+    assert set(statuses) <= {201, 403, 409}
+    assert (
+        await tollway.rt.store.fetchval("SELECT COUNT(*) FROM api_keys WHERE owner_id = 'newbie'")
+        == 1
+    )
