@@ -13,6 +13,7 @@ itself.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import re
@@ -56,14 +57,20 @@ class Tx(Protocol):
     async def resolve_hold(self, hold_id: str, status: str, now: int) -> bool: ...
 
 
-class Store:
+class Store(abc.ABC):
     kind: str = ""
 
+    @abc.abstractmethod
     async def connect(self) -> None: ...
+
+    @abc.abstractmethod
     async def close(self) -> None: ...
+
+    @abc.abstractmethod
     def transaction(
         self, optimistic: bool = False
     ) -> contextlib.AbstractAsyncContextManager[Tx]: ...
+
     async def run_batch(self, ops: Sequence[Op]) -> list[Any]:
         """Run ops in one transaction; a failed op's slot holds its exception."""
         try:
@@ -116,8 +123,9 @@ class Store:
             "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at BIGINT NOT NULL)"
         )
 
+    @abc.abstractmethod
     async def _exec_script(self, tx: Tx, sql: str) -> None:
-        raise NotImplementedError
+        """Run a migration script inside ``tx`` (each backend splits it its own way)."""
 
 
 def _migrations(kind: str) -> list[tuple[int, str]]:

@@ -55,6 +55,23 @@ async def store(db_url: str) -> AsyncIterator[Store]:
     await s.close()
 
 
+# One in-process EVM chain per test module (fresh state, deployed once), behind
+# a local JSON-RPC HTTP server so code under test uses web3's real HTTP provider.
+@pytest.fixture(scope="module")
+def chain():
+    from tests.support.evm_chain import EvmChain
+
+    return EvmChain()
+
+
+@pytest.fixture(scope="module")
+def node(chain):
+    from tests.support.jsonrpc_server import JsonRpcServer
+
+    with JsonRpcServer(chain) as server:
+        yield server
+
+
 @pytest.fixture
 async def upstream() -> AsyncIterator[Upstream]:
     up = await start_upstream()

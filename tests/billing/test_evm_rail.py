@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,17 +19,6 @@ from tests.support.jsonrpc_server import JsonRpcServer
 
 TOKEN_NAME = "USD Coin"
 TOKEN_VERSION = "2"
-
-
-@pytest.fixture(scope="module")
-def chain() -> EvmChain:
-    return EvmChain()
-
-
-@pytest.fixture(scope="module")
-def node(chain: EvmChain) -> Iterator[JsonRpcServer]:
-    with JsonRpcServer(chain) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

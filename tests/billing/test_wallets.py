@@ -20,7 +20,7 @@ import asyncio
 import datetime as dt
 import json
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -37,17 +37,6 @@ from tests.support.tollway import InProcess, start_inprocess
 from tests.support.upstream import Upstream
 
 USDC = 10**6  # token units per whole token (6 decimals, like the ledger asset)
-
-
-@pytest.fixture(scope="module")
-def chain() -> EvmChain:
-    return EvmChain()
-
-
-@pytest.fixture(scope="module")
-def node(chain: EvmChain) -> Iterator[JsonRpcServer]:
-    with JsonRpcServer(chain) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

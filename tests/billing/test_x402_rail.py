@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -52,17 +52,6 @@ NAME, VERSION = "USD Coin", "2"
 BASE_SEPOLIA = 84532
 PRICE = 10_000  # 0.01 USDC
 RESOURCE = "http://127.0.0.1/svc/echo"
-
-
-@pytest.fixture(scope="module")
-def chain() -> EvmChain:
-    return EvmChain()
-
-
-@pytest.fixture(scope="module")
-def node(chain: EvmChain) -> Iterator[JsonRpcServer]:
-    with JsonRpcServer(chain) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

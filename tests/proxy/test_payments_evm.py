@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -28,17 +28,6 @@ from tests.support.tollway import InProcess, start_inprocess
 from tests.support.upstream import Upstream
 
 PRICE = 10_000  # 0.01 USDC
-
-
-@pytest.fixture(scope="module")
-def chain() -> EvmChain:
-    return EvmChain()
-
-
-@pytest.fixture(scope="module")
-def node(chain: EvmChain) -> Iterator[JsonRpcServer]:
-    with JsonRpcServer(chain) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
