@@ -72,6 +72,9 @@ class Settings:
     trust_forwarded_for: bool = False
     # With Redis down: "local" keeps limiting in this process (never unlimited); "closed" refuses.
     redis_down_policy: str = "local"
+    # Every Redis key Tollway writes starts with this, so deployments (or test runs)
+    # sharing one Redis never read each other's counters.
+    redis_key_prefix: str = "tollway:"
     default_asset: str = "USDC"
     asset_decimals: int = 6
     platform_fee_bps: int = 1000
@@ -192,6 +195,11 @@ def validate(s: Settings) -> Settings:
     _check("ip_rate_limit", s.ip_rate_limit >= 0, "must be >= 0 (0 turns it off)")
     _check(
         "redis_down_policy", s.redis_down_policy in ("local", "closed"), "must be local or closed"
+    )
+    _check(
+        "redis_key_prefix",
+        0 < len(s.redis_key_prefix) <= 64 and not any(c.isspace() for c in s.redis_key_prefix),
+        "must be 1 to 64 characters without spaces",
     )
     _check("asset_decimals", 0 <= s.asset_decimals <= 18, "must be between 0 and 18")
     _check("platform_fee_bps", 0 <= s.platform_fee_bps <= 10000, "must be 0..10000 basis points")

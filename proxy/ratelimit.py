@@ -133,7 +133,12 @@ class LocalLimiter:
 
 class RedisLimiter:
     def __init__(
-        self, url: str, *, down_policy: str = "local", on_fallback: Callable[[], None] | None = None
+        self,
+        url: str,
+        *,
+        down_policy: str = "local",
+        on_fallback: Callable[[], None] | None = None,
+        key_prefix: str = "tollway:",
     ):
         import redis.asyncio as aioredis
 
@@ -145,6 +150,7 @@ class RedisLimiter:
             max_connections=64,
         )
         self.down_policy = down_policy
+        self.key_prefix = key_prefix
         self.local = LocalLimiter()
         self.on_fallback = on_fallback
         self._sha: str | None = None
@@ -223,7 +229,7 @@ class RedisLimiter:
         for attempt in (0, 1):
             pipe = self.client.pipeline(transaction=False)
             for limits, _ in batch:
-                keys = [f"tollway:rl:{lim.bucket}" for lim in limits]
+                keys = [f"{self.key_prefix}rl:{lim.bucket}" for lim in limits]
                 pipe.evalsha(
                     self._sha, len(keys), *keys, len(limits), *(lim.per_minute for lim in limits)
                 )

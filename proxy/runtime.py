@@ -166,6 +166,7 @@ async def build_runtime(settings: Settings, store: Store | None = None) -> Runti
         limiter: Any = RedisLimiter(
             settings.redis_url,
             down_policy=settings.redis_down_policy,
+            key_prefix=settings.redis_key_prefix,
             on_fallback=metrics.RATELIMIT_FALLBACK.inc,
         )
     else:

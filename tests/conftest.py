@@ -23,6 +23,10 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         )
 
 
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    asyncio.run(services.drop_template())
+
+
 @pytest.fixture
 async def pg_url() -> AsyncIterator[str]:
     url = await services.create_pg_database()
@@ -31,8 +35,8 @@ async def pg_url() -> AsyncIterator[str]:
 
 
 @pytest.fixture
-async def redis_url() -> str:
-    return await services.fresh_redis_url()
+def redis_url() -> str:
+    return services.fresh_redis_url()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -15,7 +15,8 @@ import redis.asyncio as aioredis
 
 PG_ADMIN = os.environ.get("TOLLWAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_BASE = os.environ.get("TOLLWAY_TEST_REDIS", "redis://127.0.0.1:6379")
-TEMPLATE = "tollway_test_template"
+# Per test run: two suites on one server never drop or lock each other's template.
+TEMPLATE = f"tollway_tpl_{os.getpid()}_{secrets.token_hex(4)}"
 
 
 def _db_url(name: str) -> str:
@@ -51,10 +52,6 @@ async def _ensure_template() -> None:
 
     conn = await asyncpg.connect(PG_ADMIN)
     try:
-        await conn.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", TEMPLATE
-        )
-        await conn.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE}"')
         await conn.execute(f'CREATE DATABASE "{TEMPLATE}"')
     finally:
         await conn.close()
@@ -93,9 +90,20 @@ async def drop_pg_database(url: str) -> None:
         await conn.close()
 
 
-async def fresh_redis_url(db: int = 9) -> str:
-    url = f"{REDIS_BASE}/{db}"
-    r = aioredis.from_url(url)
-    await r.flushdb()
-    await r.aclose()
-    return url
+async def drop_template() -> None:
+    """End of the run: the template this run made (and only it) goes."""
+    if not _template_ready:
+        return
+    await drop_pg_database(_db_url(TEMPLATE))
+
+
+def fresh_redis_url() -> str:
+    """A Redis URL of this test's own: the client name carries a random tag that
+    Tollway's test launchers turn into a key prefix (``redis_prefix_of``), so no
+    test reads another's counters and nothing is flushed."""
+    return f"{REDIS_BASE}/0?client_name=twtest{secrets.token_hex(6)}"
+
+
+def redis_prefix_of(redis_url: str) -> str:
+    tag = redis_url.rpartition("client_name=")[2] or "twtest"
+    return f"tollway:{tag}:"

@@ -19,6 +19,7 @@ from aiohttp import web
 from config import load
 from proxy.app import create_app
 from proxy.runtime import RT, Runtime
+from tests.support import services
 
 
 def free_port() -> int:
@@ -135,6 +136,8 @@ async def start_inprocess(
         "ip_rate_limit": 0,
         "receipts_dir": os.path.join(tmp or "/tmp", f"receipts-{secrets.token_hex(4)}"),
     }
+    if redis_url:
+        opts["redis_key_prefix"] = services.redis_prefix_of(redis_url)
     opts.update(overrides)
     settings = load(env={}, overrides=opts)
     app = create_app(settings)
@@ -186,6 +189,7 @@ def tollway_env(
     )
     if redis_url:
         env["TOLLWAY_REDIS_URL"] = redis_url
+        env["TOLLWAY_REDIS_KEY_PREFIX"] = services.redis_prefix_of(redis_url)
     for k, v in settings.items():
         env[f"TOLLWAY_{k.upper()}"] = str(v)
     return env
