@@ -26,6 +26,18 @@ class PaymentRequired(BillingError):
     code = "payment_required"
 
 
+class PaymentPending(BillingError):
+    """A payment was seen but does not count yet (too few confirmations): retry later."""
+
+    status = 402
+    code = "payment_pending"
+
+    def __init__(self, message: str, *, tx_id: str, retry_after_seconds: int):
+        super().__init__(message)
+        self.tx_id = tx_id
+        self.headers = {"Retry-After": str(retry_after_seconds)}
+
+
 class PaymentRejected(BillingError):
     """A payment was offered but does not pay what was asked (wrong token, amount, signature...)."""
 

@@ -1,15 +1,21 @@
 """Invoice payments: the 402 invoice, paid on chain, retried with proof.
 
 An invoice is minted with a 402 answer and bound to that request (method,
-path with query, body hash). The retry carries ``X-Invoice-Id`` and
-``X-Payment`` (an EVM transaction hash, a Cardano transaction hash, or a
-signed Cardano transaction in CBOR). The payment is verified on its chain,
-then consumed in one transaction: the payment's (rail, tx) becomes unique in
-``payments`` (one payment pays one invoice, ever), the invoice flips from
-open to paid, the amount received is credited to the payer's wallet and this
-call's price is held from it. A batch invoice (``batchTarget`` > 1) leaves
-the rest in the wallet of (partner, wallet address); later calls that show
-the paid invoice id and that address draw from it.
+path with query, body hash) and to its payer: the address named in
+``X-Wallet-Address`` (see ``billing.payer_proof``). The retry carries
+``X-Invoice-Id``, ``X-Payment`` (an EVM transaction hash, a Cardano
+transaction hash, or a signed Cardano transaction in CBOR) and
+``X-Payer-Signature``. The payment is verified on its chain, sent by the
+payer, then consumed in one transaction: the payment's (rail, tx) becomes
+unique in ``payments`` (one payment pays once, ever, through any door), the
+invoice flips from open to paid, the amount received is credited to the
+invoice's owner and this call's price is held from it.
+
+The owner is the minting key's owner, or, for an anonymous call, the
+payer's wallet owner ``{partner}:{address}``, which only a signature of that
+wallet can claim (``proxy.routes.identity``). So a batch invoice
+(``batchTarget`` > 1) leaves the rest in the payer's own wallet; later calls
+draw from it with the paid invoice id and the payer's signature.
 """
 
 from __future__ import annotations
@@ -23,7 +29,15 @@ from fractions import Fraction
 from typing import Any
 
 from billing.errors import BillingError, PaymentConflict, PaymentRejected
+from billing.invoice_chains import verify_on_chain
 from billing.money import format_amount
+from billing.payer_proof import (
+    PayerProof,
+    check_payer_signature,
+    invoice_message,
+    normalize_payer,
+    wallet_owner,
+)
 from ledger import journal as j
 from ledger import ops
 from ledger.db import Row, Store, Tx
@@ -32,6 +46,15 @@ from ledger.registry import Service
 from ledger.writer import GroupCommitWriter
 
 INVOICE_VERSION = "0.1"
+
+
+def _payer_of(inv: Row) -> str:
+    payer = inv["wallet_address"]
+    if not payer:
+        raise PaymentRejected(
+            "this invoice names no payer; request a new one", code="invoice_without_payer"
+        )
+    return str(payer)
 
 
 def body_hash(body: bytes) -> str:
@@ -145,6 +168,7 @@ class InvoiceBook:
                 code="wallet_address_required_for_prepaid_batches",
                 status=400,
             )
+        payer = normalize_payer(terms.chain, wallet_address)
         if isinstance(terms, CardanoTerms):
             price = math.ceil(svc.price_units * terms.rate)
             token = terms.unit
@@ -161,7 +185,7 @@ class InvoiceBook:
         inv_id = "inv_" + secrets.token_urlsafe(18)
         now = now_ms()
         if owner_id is None:
-            owner_id = f"{self.partner}:{wallet_address}" if wallet_address else f"invoice:{inv_id}"
+            owner_id = wallet_owner(self.partner, payer)
         await self.store.execute(
             "INSERT INTO invoices (id, service_id, chain, asset, token, amount, decimals, price, batch_target,"
             " pay_to, outputs, partner, wallet_address, owner_id, req_method, req_path, req_body_hash, status,"
@@ -178,7 +202,7 @@ class InvoiceBook:
             terms.pay_to,
             json.dumps(outputs),
             self.partner,
-            wallet_address,
+            payer,
             owner_id,
             binding.method,
             binding.path,
@@ -209,6 +233,9 @@ class InvoiceBook:
             "decimals": int(inv["decimals"]),
             "payTo": inv["pay_to"],
             "timeout": max(0, (int(inv["expires_at"]) - now_ms()) // 1000),
+            "payer": inv["wallet_address"],
+            # What X-Payer-Signature signs on the retry (see billing.payer_proof).
+            "payerMessage": invoice_message(inv["id"], inv["wallet_address"] or ""),
             "extra": extra,
         }
 
@@ -218,7 +245,13 @@ class InvoiceBook:
         return await self.store.fetchrow("SELECT * FROM invoices WHERE id = $1", invoice_id)
 
     async def pay(
-        self, invoice_id: str, payment: str, binding: Binding, svc: Service, usage_id: str
+        self,
+        invoice_id: str,
+        payment: str,
+        binding: Binding,
+        svc: Service,
+        usage_id: str,
+        proof: PayerProof,
     ) -> PaidInvoice:
         inv = await self.get(invoice_id)
         if inv is None or inv["service_id"] != svc.id:
@@ -238,7 +271,10 @@ class InvoiceBook:
                 "this invoice was minted for another request (method, path or body differ)",
                 code="invoice_request_mismatch",
             )
-        rail, tx_ref, received = await self._verify(inv, payment.strip())
+        payer = _payer_of(inv)
+        # The signature first: a stranger is refused before any chain lookup.
+        check_payer_signature(inv["chain"], invoice_id, payer, proof)
+        rail, tx_ref, received = await verify_on_chain(self, inv, payment.strip(), payer)
         priced = replace(svc, price_units=int(inv["price"]), asset=inv["asset"], free_tier_calls=0)
         owner, asset, price = inv["owner_id"], inv["asset"], int(inv["price"])
         hold_ttl = self.hold_ttl_ms
@@ -262,7 +298,7 @@ class InvoiceBook:
                 owner,
                 asset,
                 received,
-                json.dumps({"invoice": invoice_id}),
+                json.dumps({"invoice": invoice_id, "payer": payer}),
                 now,
             )
             flipped = await tx.execute(
@@ -301,9 +337,9 @@ class InvoiceBook:
         return PaidInvoice(inv, owner, priced, reserved, payment_id, received)
 
     async def draw(
-        self, invoice_id: str, wallet_address: str | None, svc: Service, usage_id: str
+        self, invoice_id: str, svc: Service, usage_id: str, proof: PayerProof
     ) -> PaidInvoice:
-        """A later call of a paid batch: the paid invoice id and its wallet address draw from the batch."""
+        """A later call of a paid batch: the paid invoice id and its payer's signature draw from it."""
         inv = await self.get(invoice_id)
         if inv is None or inv["service_id"] != svc.id:
             raise PaymentRejected("unknown invoice for this service", code="invoice_not_found")
@@ -311,62 +347,13 @@ class InvoiceBook:
             raise PaymentRejected(
                 "this invoice is not paid; send X-Payment with it", code="invoice_unpaid"
             )
-        if not wallet_address:
-            raise BillingError(
-                "X-Wallet-Address is required to draw from a prepaid batch",
-                code="wallet_address_required_for_prepaid_batches",
-                status=400,
-            )
-        if (inv["wallet_address"] or "").lower() != wallet_address.lower():
-            raise PaymentRejected("this wallet did not pay that invoice", code="wallet_mismatch")
+        check_payer_signature(inv["chain"], invoice_id, _payer_of(inv), proof)
         priced = replace(svc, price_units=int(inv["price"]), asset=inv["asset"], free_tier_calls=0)
         r = ops.Reservation(
             usage_id, inv["owner_id"], svc.id, 0, int(inv["price"]), inv["asset"], self.hold_ttl_ms
         )
         reserved = await self.writer.submit(lambda tx: ops.reserve(tx, r))
         return PaidInvoice(inv, inv["owner_id"], priced, reserved)
-
-    async def _verify(self, inv: Row, payment: str) -> tuple[str, str, int]:
-        """Check the payment on its chain; returns (rail, unique tx reference, amount received)."""
-        chain = inv["chain"]
-        if chain.startswith("eip155:"):
-            if self.evm is None or self.evm_client is None:
-                raise BillingError(
-                    "EVM payments are not configured", code="unsupported_chain", status=400
-                )
-            t = await self.evm_client.verify_token_transfer(
-                payment,
-                token=inv["token"],
-                pay_to=inv["pay_to"],
-                min_amount=int(inv["amount"]),
-                # Block times have one-second resolution: a transfer in the
-                # invoice's own second counts as after it.
-                not_before_unix=int(inv["created_at"]) // 1000 - 1,
-                min_confirmations=self.evm.confirmations,
-            )
-            return chain, t.tx_hash.lower(), int(t.amount)
-        if self.cardano is None or self.cardano_rail is None:
-            raise BillingError(
-                "Cardano payments are not configured", code="unsupported_chain", status=400
-            )
-        from billing.rails.cardano import CardanoAsset, ExpectedPayment, RequiredOutput
-
-        unit = inv["token"]
-        asset = CardanoAsset.lovelace() if unit == "lovelace" else CardanoAsset.from_unit(unit)
-        splits = tuple(
-            RequiredOutput(o["address"], asset, int(o["amount"]))
-            for o in json.loads(inv["outputs"])
-        )
-        expected = ExpectedPayment(inv["pay_to"], asset, int(inv["amount"]), splits)
-        if len(payment) == 64 and all(c in "0123456789abcdefABCDEF" for c in payment):
-            confirmed = await self.cardano_rail.verify_tx_hash(
-                payment, expected, self.cardano.confirmations
-            )
-            tx_id, outputs = confirmed.tx_id, confirmed.outputs
-        else:
-            tx_id, outputs = await self.cardano_rail.verify_and_submit(payment, expected)
-        received = sum(o.amount_of(asset) for o in outputs if o.address == inv["pay_to"])
-        return chain, str(tx_id).lower(), int(received)
 
     # ------------------------------------------------------------------ status
 
@@ -388,6 +375,8 @@ class InvoiceBook:
 
     async def balance(self, partner: str, wallet: str) -> dict[str, Any]:
         owner = f"{partner}:{wallet}"
+        if wallet.lower().startswith("0x"):
+            owner = f"{partner}:{wallet.lower()}"
         rows = await self.store.fetch(
             "SELECT asset, balance FROM accounts WHERE kind = 'wallet' AND owner_id = $1 ORDER BY asset",
             owner,

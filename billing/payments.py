@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from billing.errors import BillingError, PaymentConflict, PaymentRejected
 from billing.metering import Meter, Ticket
 from billing.money import fee_of
+from billing.payer_proof import wallet_owner
 from ledger import journal as j
 from ledger import ops
 from ledger.db import DuplicateError, Tx
@@ -46,6 +49,28 @@ class X402Call:
     verified: x402r.VerifiedX402Payment
     payment_id: str
     response_headers: dict[str, str] = field(default_factory=dict)
+
+
+def check_resource(payload: Any, resource_url: str) -> None:
+    """An x402 v2 payment names the resource it was offered for; it pays only that one.
+
+    The EIP-3009 signature covers payer, recipient, amount, window and nonce,
+    not the resource, so two services with one price and ``payTo`` would
+    otherwise take each other's authorizations. v1 payloads carry no resource
+    and are bound only by price and recipient (documented in the README).
+    """
+    if getattr(payload, "x402_version", 1) < 2:
+        return
+    resource = getattr(payload, "resource", None)
+    url = getattr(resource, "url", None)
+    if not isinstance(url, str) or not url:
+        raise PaymentRejected(
+            "an x402 v2 payment must name the resource it pays for", code="resource_required"
+        )
+    if urlsplit(url).path != urlsplit(resource_url).path:
+        raise PaymentRejected(
+            "this authorization was offered for another resource", code="resource_mismatch"
+        )
 
 
 def _claimed_authorization(payload: Any) -> tuple[str, str]:
@@ -72,6 +97,8 @@ class X402Gateway:
         meter: Meter,
         asset: str = "USDC",
         chain_rail: str | None = None,
+        min_validity_seconds: int = 0,
+        partner: str = "tollway",
     ):
         self.processor = processor
         self.rails = list(rails)
@@ -81,6 +108,11 @@ class X402Gateway:
         # "eip155:<node chain id>": the key deposits and invoices use for a
         # transaction, so the settlement's transfer can never be claimed again.
         self.chain_rail = chain_rail
+        # Settlement happens after the upstream answers: an authorization must
+        # outlive the upstream's timeouts plus the settle margin, or the upstream
+        # could run for free on one that expires meanwhile.
+        self.min_validity_seconds = min_validity_seconds
+        self.partner = partner
 
     def offer(self, svc: Service, resource_url: str, message: str) -> x402r.X402Offer:
         from billing.rails.x402 import build_offer
@@ -108,10 +140,14 @@ class X402Gateway:
         from billing.rails.x402 import decode_payment_header
 
         payload = decode_payment_header(header_value)
+        check_resource(payload, resource_url)
         payer, nonce = _claimed_authorization(payload)
         key = f"x402:{payer}:{nonce}"
         payment_id = new_id("pay")
-        await self._reserve(payment_id, key, payer, svc.price_units)
+        # Without a key the payer's wallet owns the call, as an invoice's payer does;
+        # the verified signer must be this claimed payer, checked below.
+        buyer = buyer_id or wallet_owner(self.partner, payer)
+        await self._reserve(payment_id, key, buyer, svc.price_units)
         try:
             verified = await self.processor.verify(
                 payload, amount=svc.price_units, resource_url=resource_url
@@ -120,10 +156,16 @@ class X402Gateway:
                 raise PaymentRejected(
                     "the authorization does not match its claim", code="invalid_signature"
                 )
+            needed = int(time.time()) + self.min_validity_seconds
+            if verified.valid_before < needed:
+                raise PaymentRejected(
+                    f"the authorization expires before this call can settle: validBefore must be"
+                    f" at least {self.min_validity_seconds} s from now",
+                    code="authorization_expires_too_soon",
+                )
         except BaseException:
             await self._release(payment_id)
             raise
-        buyer = buyer_id or f"x402:{verified.payer.lower()}"
         ticket = Ticket(
             usage_id=usage_id,
             buyer_id=buyer,
@@ -137,14 +179,14 @@ class X402Gateway:
         )
         return X402Call(ticket, verified, payment_id)
 
-    async def _reserve(self, payment_id: str, key: str, payer: str, amount: int) -> None:
+    async def _reserve(self, payment_id: str, key: str, owner_id: str, amount: int) -> None:
         async def op(tx: Tx) -> bool:
             n = await tx.execute(
                 "INSERT INTO payments (id, rail, external_ref, owner_id, asset, amount, status, created_at)"
                 " VALUES ($1, 'x402', $2, $3, $4, $5, 'reserved', $6) ON CONFLICT (rail, external_ref) DO NOTHING",
                 payment_id,
                 key,
-                payer,
+                owner_id,
                 self.asset,
                 amount,
                 now_ms(),
@@ -202,7 +244,9 @@ class X402Gateway:
                 "UPDATE payments SET status = 'settled', detail = $2 WHERE id = $1", pid, detail
             )
             if chain_rail:
-                await tx.execute(
+                # The chain transaction is one payment through every door: if a deposit
+                # or an invoice holds it already, this credit is refused, never doubled.
+                recorded = await tx.execute(
                     "INSERT INTO payments (id, rail, external_ref, owner_id, asset, amount, status,"
                     " detail, created_at) VALUES ($1, $2, $3, $4, $5, $6, 'x402_settlement', $7, $8)"
                     " ON CONFLICT (rail, external_ref) DO NOTHING",
@@ -215,6 +259,11 @@ class X402Gateway:
                     json.dumps({"x402_payment": pid}),
                     now_ms(),
                 )
+                if not recorded:
+                    raise PaymentConflict(
+                        "this settlement's transaction was already credited",
+                        code="payment_already_used",
+                    )
             await tx.transfer(
                 Transfer(
                     new_id("tr"),
@@ -229,7 +278,13 @@ class X402Gateway:
             )
             return await finish(tx)
 
-        return await self.writer.submit(op)
+        try:
+            return await self.writer.submit(op)
+        except PaymentConflict:
+            log.error("x402 payment %s settled in %s, which was already credited", pid, tx_ref)
+            await self._mark(pid, "conflict", {"tx": settlement.transaction})
+            await self.meter.finish(_unserved(outcome))
+            raise
 
     async def _mark(self, payment_id: str, status: str, detail: dict[str, Any]) -> None:
         async def op(tx: Tx) -> None:

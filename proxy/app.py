@@ -47,6 +47,7 @@ FEATURE_MODULES = (
     "proxy.routes.settlements",
     "proxy.routes.webhooks",
     "proxy.routes.provider",
+    "proxy.routes.identity",
 )
 
 

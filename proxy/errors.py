@@ -89,7 +89,10 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
         extra = {}
         if getattr(e, "usage_id", None):
             extra["usage_id"] = e.usage_id  # type: ignore[attr-defined]
-        resp = error_response(e.status, e.code, e.message, **extra)
+        if getattr(e, "tx_id", None):
+            extra["tx_id"] = e.tx_id  # type: ignore[attr-defined]
+        headers = getattr(e, "headers", None)
+        resp = error_response(e.status, e.code, e.message, headers=headers, **extra)
     except web.HTTPException as e:
         if e.status < 400:
             raise

@@ -19,6 +19,7 @@ from aiohttp import web
 from billing.errors import BillingError, PaymentRequired
 from billing.invoices import Binding, InvoiceBook, body_hash
 from billing.metering import Ticket
+from billing.payer_proof import PayerProof
 from billing.payments import X402Call, X402Gateway
 from ledger import ops
 from ledger.registry import KeyRecord, Service
@@ -66,16 +67,15 @@ class Paywall:
         invoice_id = h.get("X-Invoice-Id")
         if invoice_id and self.invoices is not None:
             limit = self.rt.settings.max_body_bytes
+            proof = PayerProof(h.get("X-Payer-Signature"), h.get("X-Payer-Key"))
             if h.get("X-Payment"):
                 body = await _read_body(request, limit)
                 paid = await self.invoices.pay(
-                    invoice_id, h["X-Payment"], self._binding(request, body), svc, usage_id
+                    invoice_id, h["X-Payment"], self._binding(request, body), svc, usage_id, proof
                 )
             else:
                 body = None
-                paid = await self.invoices.draw(
-                    invoice_id, h.get("X-Wallet-Address"), svc, usage_id
-                )
+                paid = await self.invoices.draw(invoice_id, svc, usage_id, proof)
             if paid.reserved.mode != ops.HELD:
                 raise PaymentRequired(
                     "the prepaid batch of this invoice is used up; pay a new invoice"
@@ -157,12 +157,27 @@ class Paywall:
                     batch = 0
                 if not 1 <= batch <= 100_000:
                     raise ApiError(400, "invalid_batch_target", "X-Batch-Target must be 1..100000")
+            wallet = request.headers.get("X-Wallet-Address")
+            explicit = batch is not None or "X-Payment-Chain" in request.headers
+            if not wallet and not explicit:
+                # An invoice is bound to the address that pays it; without one the
+                # x402 offer above still answers, and this says how to get an invoice.
+                body["invoice"] = {
+                    "required": "X-Wallet-Address",
+                    "message": "send X-Wallet-Address (the address you will pay from) for an invoice",
+                }
+                return web.Response(
+                    status=402,
+                    text=json.dumps(body),
+                    content_type="application/json",
+                    headers=headers,
+                )
             try:
                 body["detail"] = await self.invoices.mint(
                     svc,
                     self._binding(request, raw),
                     owner_id=key.owner_id if key else None,
-                    wallet_address=request.headers.get("X-Wallet-Address"),
+                    wallet_address=wallet,
                     chain=request.headers.get("X-Payment-Chain"),
                     batch_target=batch,
                 )

@@ -31,6 +31,9 @@ from billing.errors import PaymentConflict, PaymentRejected, PayoutFailed, Upstr
 
 # keccak256("Transfer(address,address,uint256)")
 TRANSFER_TOPIC = "0xddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef"
+# EIP-3009's AuthorizationUsed(address,bytes32): the token emits it when an x402
+# authorization is settled, so such a transfer pays through x402 and no other door.
+AUTHORIZATION_USED_TOPIC = "0x98de503528ee59b575ef0c0a2576a82497bfc029a5685b209e9ec333479b10a5"
 
 # Only the functions we call; a full token ABI is not needed and would tie us
 # to one implementation.
@@ -283,11 +286,17 @@ class EvmClient:
         min_amount: int,
         not_before_unix: int,
         min_confirmations: int,
+        sender: str | None = None,
     ) -> TokenTransfer:
         """Check that ``tx_hash`` paid at least ``min_amount`` of ``token`` to ``pay_to``.
 
         Only Transfer logs emitted by the pinned token contract count: another
         token with the same event, or native coin sent along, pays nothing.
+        With ``sender``, the transaction must be that address's own (its
+        ``from``) and only the token it sends counts: whoever proves that
+        address is the payer, nobody else. A transfer that settled an EIP-3009
+        authorization (an x402 payment) is refused: it was sent by a relayer,
+        and x402 already credits it.
         Raises PaymentRejected with a specific code otherwise.
         """
         if not isinstance(tx_hash, str) or not _TX_HASH_RE.match(tx_hash):
@@ -321,6 +330,12 @@ class EvmClient:
                     code="insufficient_confirmations",
                 )
 
+            if sender is not None:
+                sent = await self.w3.eth.get_transaction(tx_hash)
+                if to_checksum_address(sent["from"]) != _addr(sender, "sender"):
+                    raise PaymentRejected(
+                        "the transaction was not sent by the paying address", code="payer_mismatch"
+                    )
             paid = 0
             payer: str | None = None
             token_logs_elsewhere = False
@@ -329,6 +344,15 @@ class EvmClient:
                 if log.get("removed"):
                     continue
                 topics = log["topics"]
+                if (
+                    topics
+                    and _hex(topics[0]).lower() == AUTHORIZATION_USED_TOPIC
+                    and to_checksum_address(log["address"]) == token
+                ):
+                    raise PaymentRejected(
+                        "this transfer settled an x402 authorization; it pays through x402 only",
+                        code="authorization_transfer",
+                    )
                 # ERC-721 Transfer has the same topic with 4 topics; skip it.
                 if len(topics) != 3 or _hex(topics[0]).lower() != TRANSFER_TOPIC:
                     continue
@@ -344,6 +368,8 @@ class EvmClient:
                 if to != pay_to:
                     token_logs_elsewhere = True
                     continue
+                if sender is not None and _topic_address(topics[1]) != _addr(sender, "sender"):
+                    continue  # someone else's tokens in the same transaction
                 paid += int(data, 16)
                 if payer is None:
                     payer = _topic_address(topics[1])

@@ -6,6 +6,7 @@ import hmac
 
 from aiohttp import web
 
+from billing.owners import self_chosen_refusal
 from ledger.db import DuplicateError
 from proxy.auth import ROLES, hash_secret, mint_key
 from proxy.errors import ApiError, json_response, read_json
@@ -13,6 +14,9 @@ from proxy.forwarder import client_ip
 from proxy.ratelimit import Limit
 from proxy.runtime import RT, Runtime
 from proxy.validation import opt_str, req_str
+
+# Per minute, for every key minted without an admin's grant.
+DEFAULT_RATE_LIMIT = 60
 
 
 async def create_key(request: web.Request) -> web.Response:
@@ -24,7 +28,7 @@ async def create_key(request: web.Request) -> web.Response:
         raise ApiError(
             422, "validation_error", f"role must be one of {', '.join(ROLES)}", field="role"
         )
-    rate_limit = data.get("rate_limit", 60)
+    rate_limit = data.get("rate_limit", DEFAULT_RATE_LIMIT)
     if (
         not isinstance(rate_limit, int)
         or isinstance(rate_limit, bool)
@@ -36,6 +40,15 @@ async def create_key(request: web.Request) -> web.Response:
     wallet_address = opt_str(data, "wallet_address", max_len=128)
 
     caller = await rt.keys.authenticate(request, required=False)
+    is_admin = caller is not None and caller.role == "admin"
+    if not is_admin:
+        # Buyers do not choose their own limits: only an admin grants another.
+        rate_limit = (
+            min(rate_limit, caller.rate_limit) if caller is not None else DEFAULT_RATE_LIMIT
+        )
+        refusal = self_chosen_refusal(owner_id)
+        if refusal is not None and (caller is None or caller.owner_id != owner_id):
+            raise ApiError(403, "owner_id_reserved", refusal, field="owner_id")
     existing = await rt.registry.keys_of(owner_id)
     if role in ("provider", "admin"):
         if caller is None or caller.role != "admin":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from fractions import Fraction
 from typing import Any
 
@@ -15,6 +16,8 @@ from proxy.paywall import Paywall
 from proxy.runtime import RT, Runtime
 
 log = logging.getLogger("tollway.payments")
+# Time a settlement takes after the upstream answers (broadcast and one block).
+X402_SETTLE_MARGIN_SECONDS = 6
 _CLOSERS: web.AppKey[list[Any]] = web.AppKey("tollway_payment_closers", list)
 
 
@@ -36,8 +39,14 @@ async def batch_balance(request: web.Request) -> web.Response:
         raise ApiError(404, "invoices_disabled", "invoice payments are not configured")
     partner = request.query.get("partner") or book.partner
     wallet = request.query.get("wallet")
-    if not wallet:
+    if not wallet or len(wallet) > 200:
         raise ApiError(400, "invalid_query", "wallet is required")
+    # A wallet's balance answers only to that wallet (a key it claimed by signing
+    # in, see /auth/challenge) or to an admin: an open lookup lists funded wallets.
+    key = await rt.keys.authenticate(request)
+    owners = {f"{partner}:{wallet}", f"{partner}:{wallet.strip().lower()}"}
+    if key.role != "admin" and key.owner_id not in owners:
+        raise ApiError(403, "forbidden", "only this wallet's own key or an admin may read it")
     return json_response(await book.balance(partner, wallet))
 
 
@@ -98,6 +107,9 @@ async def on_startup(app: web.Application, rt: Runtime) -> None:
                 rt.meter,
                 asset=s.default_asset,
                 chain_rail=f"eip155:{node_chain}",
+                min_validity_seconds=math.ceil(s.upstream_connect_timeout + s.upstream_read_timeout)
+                + X402_SETTLE_MARGIN_SECONDS,
+                partner=s.invoice_partner,
             )
             if s.evm_token_address:
                 evm_terms = EvmTerms(

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 from eth_account import Account
+from eth_account.messages import encode_defunct
 from eth_account.signers.local import LocalAccount
 from x402 import x402Client
 from x402.http import x402HTTPClient
@@ -21,10 +22,11 @@ from x402.http.clients import x402HttpxClient
 from x402.http.utils import decode_payment_required_header, encode_payment_signature_header
 from x402.mechanisms.evm.exact import register_exact_evm_client
 
+from billing.payer_proof import invoice_message
 from ledger.verify import verify
 from tests.support.evm_chain import EvmChain
 from tests.support.jsonrpc_server import JsonRpcServer
-from tests.support.tollway import InProcess, start_inprocess
+from tests.support.tollway import InProcess, sign_in, start_inprocess
 from tests.support.upstream import Upstream
 
 PRICE = 10_000  # 0.01 USDC
@@ -122,7 +124,8 @@ async def test_official_client_pays_v2_and_replay_is_refused(
     ]
     assert kinds == ["charge", "fee", "x402_deposit"]
     pay = await store.fetchrow("SELECT status, owner_id FROM payments WHERE rail = 'x402'")
-    assert pay["status"] == "settled" and pay["owner_id"] == payer.address.lower()
+    # the payer's wallet owns it: only the wallet's signature claims that owner id
+    assert pay["status"] == "settled" and pay["owner_id"] == f"tollway:{payer.address.lower()}"
 
     # the same PAYMENT-SIGNATURE again: refused before the upstream
     async with httpx.AsyncClient() as plain:
@@ -168,7 +171,8 @@ async def test_official_client_pays_v1_from_the_json_body(
         assert r402.status_code == 402
         body = r402.json()
         assert body["x402Version"] == 1 and body["accepts"][0]["network"] == "base-sepolia"
-        assert body["detail"]["invoiceId"]  # the invoice rides along for invoice clients
+        # invoice clients learn how to get one: an invoice is bound to the paying address
+        assert body["invoice"]["required"] == "X-Wallet-Address" and "detail" not in body
         # the official client's v1 path reads the JSON body (no v2 header given to it)
         http_client = x402HTTPClient(official(payer))
         required = http_client.get_payment_required_response(lambda name: None, r402.content)
@@ -231,10 +235,22 @@ async def test_same_payment_header_20_times_at_once_reaches_upstream_once(
 # ------------------------------------------------------------------------- invoices
 
 
+def payer_signature(payer: LocalAccount, inv: dict) -> str:
+    """The retry's X-Payer-Signature: the payer's EIP-191 signature of the invoice message."""
+    message = invoice_message(inv["invoiceId"], payer.address.lower())
+    assert inv["payerMessage"] == message
+    return payer.sign_message(encode_defunct(text=message)).signature.hex()
+
+
 async def _invoice(
-    tw: InProcess, sid: str, key: str | None, path: str = "echo/inv", **headers: str
+    tw: InProcess,
+    sid: str,
+    key: str | None,
+    payer: LocalAccount,
+    path: str = "echo/inv",
+    **headers: str,
 ) -> dict:
-    h = dict(headers)
+    h = {"X-Wallet-Address": payer.address, **headers}
     if key:
         h["Authorization"] = f"Bearer {key}"
     st, body, _ = await tw.call(sid, path, None, method="POST", data=b'{"q": 1}', headers=h)
@@ -248,11 +264,17 @@ async def _pay_invoice(
     key: str | None,
     inv: dict,
     tx: str,
+    payer: LocalAccount,
     path: str = "echo/inv",
     body: bytes = b'{"q": 1}',
     **headers: str,
 ):
-    h = {"X-Invoice-Id": inv["invoiceId"], "X-Payment": tx, **headers}
+    h = {
+        "X-Invoice-Id": inv["invoiceId"],
+        "X-Payment": tx,
+        "X-Payer-Signature": payer_signature(payer, inv),
+        **headers,
+    }
     if key:
         h["Authorization"] = f"Bearer {key}"
     st, raw, hdrs = await tw.call(sid, path, None, method="POST", data=body, headers=h)
@@ -265,7 +287,7 @@ async def test_evm_invoice_paid_by_a_real_transfer(
     sid = await _service(tw, upstream, price="0.05")
     buyer = await tw.key("buyer")
     payer = payer_with_funds(chain, tokens)
-    inv = await _invoice(tw, sid, buyer)
+    inv = await _invoice(tw, sid, buyer, payer)
     assert (
         inv["chain"] == f"eip155:{chain.chain_id}"
         and inv["amountUnits"] == "50000"
@@ -273,7 +295,7 @@ async def test_evm_invoice_paid_by_a_real_transfer(
     )
     assert inv["decimals"] == 6 and inv["extra"]["token"] == tokens["usdc"]
     tx = chain.transfer_token(tokens["usdc"], payer, merchant, 50_000)
-    st, data, h = await _pay_invoice(tw, sid, buyer, inv, tx)
+    st, data, h = await _pay_invoice(tw, sid, buyer, inv, tx, payer)
     assert st == 200, data
     assert data["body_len"] == len(b'{"q": 1}')
     assert h["X-ACF-Amount"] == "0.05"
@@ -281,11 +303,11 @@ async def test_evm_invoice_paid_by_a_real_transfer(
     assert status["status"] == "paid" and status["paymentTx"] == tx.lower()
 
     # the same transaction offered for a second invoice
-    inv2 = await _invoice(tw, sid, buyer)
-    st, data, _ = await _pay_invoice(tw, sid, buyer, inv2, tx)
+    inv2 = await _invoice(tw, sid, buyer, payer)
+    st, data, _ = await _pay_invoice(tw, sid, buyer, inv2, tx, payer)
     assert st == 409 and data["error"]["code"] == "payment_already_used"
     # the same invoice twice
-    st, data, _ = await _pay_invoice(tw, sid, buyer, inv, tx)
+    st, data, _ = await _pay_invoice(tw, sid, buyer, inv, tx, payer)
     assert st == 409 and data["error"]["code"] == "invoice_already_used"
     # nor can it be claimed as a wallet deposit
     await _deposit_refused(tw, payer, tx)
@@ -332,18 +354,18 @@ async def test_evm_invoice_refusals(
         ]
         hits = upstream.hits
         for tx, status, code in cases:
-            inv = await _invoice(tw, sid, buyer)
-            st, data, _ = await _pay_invoice(tw, sid, buyer, inv, tx)
+            inv = await _invoice(tw, sid, buyer, payer)
+            st, data, _ = await _pay_invoice(tw, sid, buyer, inv, tx, payer)
             assert (st, data["error"]["code"]) == (status, code), data
         # a retry that carries another request than the one that minted the invoice
-        inv = await _invoice(tw, sid, buyer)
+        inv = await _invoice(tw, sid, buyer, payer)
         good = chain.transfer_token(tokens["usdc"], payer, merchant, 50_000)
-        st, data, _ = await _pay_invoice(tw, sid, buyer, inv, good, body=b'{"q": 2}')
+        st, data, _ = await _pay_invoice(tw, sid, buyer, inv, good, payer, body=b'{"q": 2}')
         assert st == 409 and data["error"]["code"] == "invoice_request_mismatch"
         # an expired invoice
-        inv = await _invoice(tw, sid, buyer)
+        inv = await _invoice(tw, sid, buyer, payer)
         await asyncio.sleep(2.2)
-        st, data, _ = await _pay_invoice(tw, sid, buyer, inv, good)
+        st, data, _ = await _pay_invoice(tw, sid, buyer, inv, good, payer)
         assert st == 402 and data["error"]["code"] == "invoice_expired"
         assert upstream.hits == hits  # nothing reached the upstream
         assert await tw.rt.store.fetchval("SELECT COUNT(*) FROM transfers") == 0
@@ -368,29 +390,39 @@ async def test_batch_invoice_covers_100_calls_then_402(
     inv = json.loads(body)["detail"]
     assert inv["extra"]["batchTarget"] == 100 and inv["amountUnits"] == str(100 * PRICE)
     tx = chain.transfer_token(tokens["usdc"], payer, merchant, 100 * PRICE)
+    sig = payer_signature(payer, inv)
     st, _, _ = await tw.call(
         sid,
         "ok",
         None,
-        headers={"X-Invoice-Id": inv["invoiceId"], "X-Payment": tx, "X-Wallet-Address": wallet},
+        headers={"X-Invoice-Id": inv["invoiceId"], "X-Payment": tx, "X-Payer-Signature": sig},
     )
     assert st == 200
-    draw = {"X-Invoice-Id": inv["invoiceId"], "X-Wallet-Address": wallet}
+    draw = {"X-Invoice-Id": inv["invoiceId"], "X-Payer-Signature": sig}
     results = await asyncio.gather(*(tw.call(sid, "ok", None, headers=draw) for _ in range(99)))
     assert [r[0] for r in results] == [200] * 99
     st, body, _ = await tw.call(sid, "ok", None, headers=draw)
     assert st == 402, body
     assert upstream.hits == 100
-    bal = (await tw.api("GET", f"/payments/balance?partner=tollway&wallet={wallet}"))[1]
-    assert bal["balances"] == [{"asset": "USDC", "amountUnits": "0", "amount": "0.00"}]
-    # another wallet cannot draw from this batch
-    st, body, _ = await tw.call(
-        sid,
-        "ok",
-        None,
-        headers={"X-Invoice-Id": inv["invoiceId"], "X-Wallet-Address": Account.create().address},
+    # the batch's balance answers to the wallet's own key, claimed by signing in
+    wallet_key = await sign_in(tw, payer)
+    st, bal, _ = await tw.api("GET", f"/payments/balance?partner=tollway&wallet={wallet}")
+    assert st == 401
+    st, bal, _ = await tw.api(
+        "GET", f"/payments/balance?partner=tollway&wallet={wallet}", await tw.key("nosy")
     )
-    assert st == 402 and json.loads(body)["error"]["code"] == "wallet_mismatch"
+    assert st == 403
+    st, bal, _ = await tw.api("GET", f"/payments/balance?partner=tollway&wallet={wallet}", wallet_key)
+    assert st == 200 and bal["balances"] == [{"asset": "USDC", "amountUnits": "0", "amount": "0.00"}]
+    # another wallet cannot draw from this batch: it cannot sign for the payer
+    other = Account.create()
+    forged = other.sign_message(encode_defunct(text=inv["payerMessage"])).signature.hex()
+    st, body, _ = await tw.call(
+        sid, "ok", None, headers={"X-Invoice-Id": inv["invoiceId"], "X-Payer-Signature": forged}
+    )
+    assert st == 402 and json.loads(body)["error"]["code"] == "invalid_payer_signature"
+    st, body, _ = await tw.call(sid, "ok", None, headers={"X-Invoice-Id": inv["invoiceId"]})
+    assert st == 402 and json.loads(body)["error"]["code"] == "payer_signature_required"
     await _ledger_ok(tw)
 
 
@@ -407,7 +439,8 @@ async def test_invoice_minting_is_rate_limited_per_ip(
     )
     try:
         sid = await _service(tw, upstream)
-        results = [(await tw.call(sid, "ok", None))[0] for _ in range(8)]
+        wallet = {"X-Wallet-Address": Account.create().address}
+        results = [(await tw.call(sid, "ok", None, headers=wallet))[0] for _ in range(8)]
         assert results.count(402) == 5 and results.count(429) == 3
         assert await tw.rt.store.fetchval("SELECT COUNT(*) FROM invoices") == 5
     finally:
