@@ -95,7 +95,8 @@ async def buyer_key(tw: InProcess, owner: str, wallet_address: str | None = None
     body = {"owner_id": owner, "role": "buyer", "rate_limit": 100_000}
     if wallet_address:
         body["wallet_address"] = wallet_address
-    st, data, _ = await tw.api("POST", "/api/v1/keys", json=body)
+    # The admin's grant: a buyer's own mint gets the default rate limit.
+    st, data, _ = await tw.api("POST", "/api/v1/keys", tw.admin, json=body)
     assert st == 201, data
     return f"{data['key_id']}:{data['secret']}"
 

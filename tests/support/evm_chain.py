@@ -234,6 +234,27 @@ class EvmChain:
             self.tester.mine_blocks(n)
             return self.block_number()
 
+    def start_interval_mining(self, seconds: float = 1.0) -> None:
+        """Mine like a real node: transactions wait in the pool for the next block,
+        one every ``seconds``, so a transaction is pending for a while, then mined."""
+        with self.lock:
+            self.tester.disable_auto_mine_transactions()
+        self._mining_stop = threading.Event()
+
+        def run() -> None:
+            while not self._mining_stop.wait(seconds):
+                with self.lock:
+                    self.tester.mine_blocks(1)
+
+        self._miner = threading.Thread(target=run, name="evm-interval-miner", daemon=True)
+        self._miner.start()
+
+    def stop_interval_mining(self) -> None:
+        self._mining_stop.set()
+        self._miner.join()
+        with self.lock:
+            self.tester.enable_auto_mine_transactions()  # mines what is still pending
+
     def block_number(self) -> int:
         with self.lock:
             return int(self.w3.eth.block_number)
