@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import cbor2
 import pytest
@@ -32,8 +33,10 @@ from pycardano import (
     Value,
     VerificationKeyWitness,
 )
+from pycardano.cip import cip8
 
 from billing.errors import PaymentRejected, UpstreamRailError
+from billing.payer_proof import invoice_message
 from billing.rails.cardano import (
     CardanoAsset,
     CardanoRail,
@@ -41,6 +44,7 @@ from billing.rails.cardano import (
     RequiredOutput,
     verify_signed_cbor,
 )
+from billing.rails.cardano_identity import normalize_cardano_address, payment_key_hash, verify_cip8
 from tests.support.blockfrost_server import BlockfrostServer, blockfrost_server  # noqa: F401
 
 NETWORK = "preprod"
@@ -127,6 +131,22 @@ def lovelace(n: int) -> dict[str, int]:
     return {"lovelace": n}
 
 
+def by(wallet: Wallet, not_before_unix: int = 0) -> dict[str, Any]:
+    """``verify_tx_hash``'s payer arguments: paid by ``wallet``, after ``not_before_unix``."""
+    return {"payer": wallet.bech32, "not_before_unix": not_before_unix}
+
+
+# For refusals that come before the payer is looked at (outputs, hash, backend trouble).
+SOMEONE = by(new_wallet())
+
+
+def sign_message(wallet: Wallet, message: str) -> tuple[str, str]:
+    """What a CIP-30 wallet's ``signData`` returns: (COSE_Sign1 hex, COSE_Key hex)."""
+    signed = cip8.sign(message, wallet.skey, attach_cose_key=True, network=Network.TESTNET)
+    assert isinstance(signed, dict)
+    return signed["signature"], signed["key"]
+
+
 def rejected_code(excinfo: pytest.ExceptionInfo[PaymentRejected]) -> str:
     return excinfo.value.code
 
@@ -184,7 +204,7 @@ async def test_signed_cbor_with_right_outputs_is_accepted_and_submitted(
         payer,
         [(provider.bech32, lovelace(10_000_000)), (partner.bech32, lovelace(1_500_000))],
     )
-    tx_id, outputs = await rail.verify_and_submit(tx.to_cbor_hex(), ada_invoice)
+    tx_id, outputs = await rail.verify_and_submit(tx.to_cbor_hex(), ada_invoice, payer=payer.bech32)
 
     assert tx_id == str(tx.id)
     assert [o.address for o in outputs[:2]] == [provider.bech32, partner.bech32]
@@ -196,7 +216,7 @@ async def test_signed_cbor_with_right_outputs_is_accepted_and_submitted(
 
     # Once in a block, the same payment also verifies through the tx-hash path.
     blockfrost_server.advance(1)
-    confirmed = await rail.verify_tx_hash(tx_id, ada_invoice, min_confirmations=1)
+    confirmed = await rail.verify_tx_hash(tx_id, ada_invoice, min_confirmations=1, **by(payer))
     assert confirmed.tx_id == tx_id and confirmed.confirmations == 1
 
 
@@ -210,7 +230,7 @@ async def test_native_asset_payment_is_accepted(
     tx = pay(
         blockfrost_server, payer, [(provider.bech32, {"lovelace": 1_200_000, TOKEN.unit: 250})]
     )
-    tx_id, outputs = await rail.verify_and_submit(tx.to_cbor_hex(), invoice)
+    tx_id, outputs = await rail.verify_and_submit(tx.to_cbor_hex(), invoice, payer=payer.bech32)
     assert outputs[0].amount_of(TOKEN) == 250
     assert blockfrost_server.submitted[-1].tx_id == tx_id
 
@@ -238,7 +258,7 @@ async def test_wrong_native_asset_or_amount_is_refused(
     invoice = ExpectedPayment(provider.bech32, TOKEN, 250)
     tx = pay(blockfrost_server, payer, [(provider.bech32, paid)])
     with pytest.raises(PaymentRejected) as excinfo:
-        await rail.verify_and_submit(tx.to_cbor_hex(), invoice)
+        await rail.verify_and_submit(tx.to_cbor_hex(), invoice, payer=payer.bech32)
     assert rejected_code(excinfo) == code
     assert blockfrost_server.submitted == []  # refused before it reached the chain
 
@@ -270,7 +290,7 @@ async def test_wrong_amount_is_refused(
         [(provider.bech32, lovelace(9_999_999)), (partner.bech32, lovelace(1_500_000))],
     )
     with pytest.raises(PaymentRejected) as excinfo:
-        await rail.verify_and_submit(tx.to_cbor_hex(), ada_invoice)
+        await rail.verify_and_submit(tx.to_cbor_hex(), ada_invoice, payer=payer.bech32)
     assert rejected_code(excinfo) == "wrong_amount"
     assert blockfrost_server.submitted == []
 
@@ -286,7 +306,7 @@ async def test_missing_split_output_is_refused(
     # All of it to the provider, nothing to the partner.
     tx = pay(blockfrost_server, payer, [(provider.bech32, lovelace(11_500_000))])
     with pytest.raises(PaymentRejected) as excinfo:
-        await rail.verify_and_submit(tx.to_cbor_hex(), ada_invoice)
+        await rail.verify_and_submit(tx.to_cbor_hex(), ada_invoice, payer=payer.bech32)
     assert rejected_code(excinfo) == "missing_split_output"
 
     # A split output that is present but short is refused the same way.
@@ -363,7 +383,7 @@ async def test_witness_signed_over_another_body_is_refused(
     )
     forged = Transaction(good.transaction_body, sign(cheap_body, payer))
     with pytest.raises(PaymentRejected) as excinfo:
-        await rail.verify_and_submit(forged.to_cbor_hex(), ada_invoice)
+        await rail.verify_and_submit(forged.to_cbor_hex(), ada_invoice, payer=payer.bech32)
     assert rejected_code(excinfo) == "bad_witness"
     assert blockfrost_server.submitted == []
 
@@ -390,7 +410,7 @@ async def test_flipped_signature_byte_is_refused(
     )
     tampered = Transaction(tx.transaction_body, witnesses)
     with pytest.raises(PaymentRejected) as excinfo:
-        await rail.verify_and_submit(tampered.to_cbor_hex(), ada_invoice)
+        await rail.verify_and_submit(tampered.to_cbor_hex(), ada_invoice, payer=payer.bech32)
     assert rejected_code(excinfo) == "bad_witness"
     assert blockfrost_server.submitted == []
 
@@ -421,16 +441,62 @@ async def test_witness_for_the_spent_input_is_enforced_at_submit(
     provider: Wallet,
 ) -> None:
     """Who owns an input cannot be known offline; the node refuses at submit, and the
-    rail turns that into a rejection of the payment."""
+    rail turns that into a rejection of the payment. Here the payer signs and owns
+    one input, but the other input's owner did not sign."""
+    invoice = ExpectedPayment(provider.bech32, CardanoAsset.lovelace(), 5_000_000)
+    tx = pay(blockfrost_server, payer, [(provider.bech32, lovelace(5_000_000))])
+    other = new_wallet()
+    other_utxo, index = blockfrost_server.fund(other.bech32, 2_000_000)
+    body = tx.transaction_body
+    body.inputs = [*body.inputs, TransactionInput(TransactionId(bytes.fromhex(other_utxo)), index)]
+    body.outputs = [*body.outputs, TransactionOutput(other.address, value(lovelace(2_000_000)))]
+    half_signed = Transaction(body, sign(body, payer))
+    verify_signed_cbor(half_signed.to_cbor_hex(), invoice, NETWORK)  # offline: fine
+    with pytest.raises(PaymentRejected) as excinfo:
+        await rail.verify_and_submit(half_signed.to_cbor_hex(), invoice, payer=payer.bech32)
+    assert rejected_code(excinfo) == "submit_rejected"
+    assert "MissingVKeyWitnesses" in excinfo.value.message
+
+
+async def test_signed_cbor_not_signed_by_the_payer_is_refused_before_submit(
+    blockfrost_server: BlockfrostServer,
+    rail: CardanoRail,
+    payer: Wallet,
+    provider: Wallet,
+) -> None:
+    invoice = ExpectedPayment(provider.bech32, CardanoAsset.lovelace(), 5_000_000)
+    tx = pay(blockfrost_server, payer, [(provider.bech32, lovelace(5_000_000))])
+    with pytest.raises(PaymentRejected) as excinfo:
+        await rail.verify_and_submit(tx.to_cbor_hex(), invoice, payer=new_wallet().bech32)
+    assert rejected_code(excinfo) == "payer_mismatch"
+    # The payer's own input, but the payer's key did not sign: refused here, not by the node.
+    other_key = Transaction(tx.transaction_body, sign(tx.transaction_body, new_wallet()))
+    with pytest.raises(PaymentRejected) as excinfo:
+        await rail.verify_and_submit(other_key.to_cbor_hex(), invoice, payer=payer.bech32)
+    assert rejected_code(excinfo) == "payer_mismatch"
+    assert "did not sign" in excinfo.value.message
+    assert blockfrost_server.submitted == []
+
+
+async def test_a_strangers_extra_witness_does_not_make_them_the_payer(
+    blockfrost_server: BlockfrostServer,
+    rail: CardanoRail,
+    payer: Wallet,
+    provider: Wallet,
+) -> None:
+    """Anyone who has seen a transaction can sign its body hash and add that witness:
+    the node accepts a superfluous witness, so only an input of the payer's counts."""
     invoice = ExpectedPayment(provider.bech32, CardanoAsset.lovelace(), 5_000_000)
     tx = pay(blockfrost_server, payer, [(provider.bech32, lovelace(5_000_000))])
     stranger = new_wallet()
-    not_the_owner = Transaction(tx.transaction_body, sign(tx.transaction_body, stranger))
-    verify_signed_cbor(not_the_owner.to_cbor_hex(), invoice, NETWORK)  # offline: fine
+    both = Transaction(tx.transaction_body, sign(tx.transaction_body, payer, stranger))
     with pytest.raises(PaymentRejected) as excinfo:
-        await rail.verify_and_submit(not_the_owner.to_cbor_hex(), invoice)
-    assert rejected_code(excinfo) == "submit_rejected"
-    assert "MissingVKeyWitnesses" in excinfo.value.message
+        await rail.verify_and_submit(both.to_cbor_hex(), invoice, payer=stranger.bech32)
+    assert rejected_code(excinfo) == "payer_mismatch"
+    assert blockfrost_server.submitted == []
+    # The same bytes are the payer's payment, and the node takes them.
+    tx_id, _ = await rail.verify_and_submit(both.to_cbor_hex(), invoice, payer=payer.bech32)
+    assert blockfrost_server.submitted[-1].tx_id == tx_id == str(tx.id)
 
 
 async def test_resubmitting_a_spent_payment_is_refused_by_the_node(
@@ -441,9 +507,9 @@ async def test_resubmitting_a_spent_payment_is_refused_by_the_node(
 ) -> None:
     invoice = ExpectedPayment(provider.bech32, CardanoAsset.lovelace(), 5_000_000)
     tx = pay(blockfrost_server, payer, [(provider.bech32, lovelace(5_000_000))])
-    await rail.verify_and_submit(tx.to_cbor_hex(), invoice)
+    await rail.verify_and_submit(tx.to_cbor_hex(), invoice, payer=payer.bech32)
     with pytest.raises(PaymentRejected) as excinfo:
-        await rail.verify_and_submit(tx.to_cbor_hex(), invoice)
+        await rail.verify_and_submit(tx.to_cbor_hex(), invoice, payer=payer.bech32)
     assert rejected_code(excinfo) == "submit_rejected"
     assert len(blockfrost_server.submitted) == 1
 
@@ -497,7 +563,7 @@ async def test_tx_id_is_hashed_from_the_body_bytes_as_sent(
     witness_set = cbor2.dumps({0: [[payer.vkey.payload, payer.skey.sign(odd_hash)]]})
     raw = b"\x84" + odd_body + witness_set + b"\xf5\xf6"
 
-    tx_id, _ = await rail.verify_and_submit(raw.hex(), invoice)
+    tx_id, _ = await rail.verify_and_submit(raw.hex(), invoice, payer=payer.bech32)
     assert tx_id == odd_hash.hex() != str(tx.id)
     assert blockfrost_server.submitted[-1].tx_id == tx_id
 
@@ -523,16 +589,18 @@ async def test_tx_hash_is_verified_against_the_backend(
 
     # In the mempool only: the indexer does not know it yet.
     with pytest.raises(PaymentRejected) as excinfo:
-        await rail.verify_tx_hash(tx_id, ada_invoice, min_confirmations=3)
+        await rail.verify_tx_hash(tx_id, ada_invoice, min_confirmations=3, **by(payer))
     assert rejected_code(excinfo) == "tx_not_found"
 
     blockfrost_server.advance(1)  # in a block: 1 confirmation
     with pytest.raises(PaymentRejected) as excinfo:
-        await rail.verify_tx_hash(tx_id, ada_invoice, min_confirmations=3)
+        await rail.verify_tx_hash(tx_id, ada_invoice, min_confirmations=3, **by(payer))
     assert rejected_code(excinfo) == "insufficient_confirmations"
 
     blockfrost_server.advance(2)
-    confirmed = await rail.verify_tx_hash(tx_id.upper(), ada_invoice, min_confirmations=3)
+    confirmed = await rail.verify_tx_hash(
+        tx_id.upper(), ada_invoice, min_confirmations=3, **by(payer)
+    )
     assert confirmed.tx_id == tx_id
     assert confirmed.confirmations == 3
     assert confirmed.block_height == blockfrost_server.tip_height - 2
@@ -540,15 +608,93 @@ async def test_tx_hash_is_verified_against_the_backend(
     assert confirmed.outputs[1].amounts == {"lovelace": 1_500_000}
 
 
+async def _mined(server: BlockfrostServer, rail: CardanoRail, tx: Transaction) -> str:
+    tx_id = await rail.submit(tx.to_cbor_hex())
+    server.advance(1)
+    return tx_id
+
+
+async def test_tx_hash_older_than_the_invoice_is_refused(
+    blockfrost_server: BlockfrostServer,
+    rail: CardanoRail,
+    payer: Wallet,
+    provider: Wallet,
+    partner: Wallet,
+    ada_invoice: ExpectedPayment,
+) -> None:
+    tx = pay(
+        blockfrost_server,
+        payer,
+        [(provider.bech32, lovelace(10_000_000)), (partner.bech32, lovelace(1_500_000))],
+    )
+    tx_id = await _mined(blockfrost_server, rail, tx)
+    block_time = (await rail.verify_tx_hash(tx_id, ada_invoice, 1, **by(payer))).block_time
+    for not_before in (block_time, block_time + 3_600):
+        with pytest.raises(PaymentRejected) as excinfo:
+            await rail.verify_tx_hash(tx_id, ada_invoice, 1, **by(payer, not_before))
+        assert rejected_code(excinfo) == "tx_before_invoice"
+    confirmed = await rail.verify_tx_hash(tx_id, ada_invoice, 1, **by(payer, block_time - 1))
+    assert confirmed.block_time == block_time
+
+
+async def test_tx_hash_not_spent_by_the_payer_is_refused(
+    blockfrost_server: BlockfrostServer,
+    rail: CardanoRail,
+    payer: Wallet,
+    provider: Wallet,
+    partner: Wallet,
+    ada_invoice: ExpectedPayment,
+) -> None:
+    tx = pay(
+        blockfrost_server,
+        payer,
+        [(provider.bech32, lovelace(10_000_000)), (partner.bech32, lovelace(1_500_000))],
+    )
+    tx_id = await _mined(blockfrost_server, rail, tx)
+    with pytest.raises(PaymentRejected) as excinfo:
+        await rail.verify_tx_hash(tx_id, ada_invoice, 1, **by(new_wallet()))
+    assert rejected_code(excinfo) == "payer_mismatch"
+    # The payer is a payment key, whatever address spells it: with a stake part,
+    # or on another network, it is the same holder.
+    staked = Address(payment_part=payer.vkey.hash(), staking_part=new_wallet().vkey.hash())
+    for spelling in (staked, Address(payment_part=payer.vkey.hash(), network=Network.MAINNET)):
+        confirmed = await rail.verify_tx_hash(
+            tx_id, ada_invoice, 1, payer=str(spelling), not_before_unix=0
+        )
+        assert confirmed.tx_id == tx_id
+
+
+async def test_a_reference_input_of_the_payer_does_not_make_them_the_payer(
+    blockfrost_server: BlockfrostServer,
+    rail: CardanoRail,
+    payer: Wallet,
+    provider: Wallet,
+) -> None:
+    """A reference input is only read (CIP-31): someone else's transaction that reads a
+    UTxO of the payer's was not made by the payer."""
+    invoice = ExpectedPayment(provider.bech32, CardanoAsset.lovelace(), 5_000_000)
+    payers_utxo, index = blockfrost_server.fund(payer.bech32, 3_000_000)
+    someone = new_wallet()
+    body = pay(
+        blockfrost_server, someone, [(provider.bech32, lovelace(5_000_000))]
+    ).transaction_body
+    body.reference_inputs = [TransactionInput(TransactionId(bytes.fromhex(payers_utxo)), index)]
+    tx_id = await _mined(blockfrost_server, rail, Transaction(body, sign(body, someone)))
+    with pytest.raises(PaymentRejected) as excinfo:
+        await rail.verify_tx_hash(tx_id, invoice, 1, **by(payer))
+    assert rejected_code(excinfo) == "payer_mismatch"
+    assert (await rail.verify_tx_hash(tx_id, invoice, 1, **by(someone))).tx_id == tx_id
+
+
 async def test_unknown_or_malformed_tx_hash_is_refused(
     rail: CardanoRail, ada_invoice: ExpectedPayment
 ) -> None:
     with pytest.raises(PaymentRejected) as excinfo:
-        await rail.verify_tx_hash(os.urandom(32).hex(), ada_invoice, min_confirmations=1)
+        await rail.verify_tx_hash(os.urandom(32).hex(), ada_invoice, min_confirmations=1, **SOMEONE)
     assert rejected_code(excinfo) == "tx_not_found"
     for bad in ("../blocks/latest", "ab" * 31, "zz" * 32):
         with pytest.raises(PaymentRejected) as excinfo:
-            await rail.verify_tx_hash(bad, ada_invoice, min_confirmations=1)
+            await rail.verify_tx_hash(bad, ada_invoice, min_confirmations=1, **SOMEONE)
         assert rejected_code(excinfo) == "malformed_tx_hash"
 
 
@@ -579,7 +725,7 @@ async def test_tx_hash_with_wrong_outputs_is_refused(
     tx_hash = blockfrost_server.add_transaction(chosen)
     blockfrost_server.advance(5)
     with pytest.raises(PaymentRejected) as excinfo:
-        await rail.verify_tx_hash(tx_hash, ada_invoice, min_confirmations=1)
+        await rail.verify_tx_hash(tx_hash, ada_invoice, min_confirmations=1, **SOMEONE)
     assert rejected_code(excinfo) == code
 
 
@@ -595,7 +741,7 @@ async def test_tx_hash_of_failed_script_tx_is_refused(
         valid_contract=False,
     )
     with pytest.raises(PaymentRejected) as excinfo:
-        await rail.verify_tx_hash(tx_hash, ada_invoice, min_confirmations=1)
+        await rail.verify_tx_hash(tx_hash, ada_invoice, min_confirmations=1, **SOMEONE)
     assert rejected_code(excinfo) == "invalid_transaction"
 
 
@@ -608,7 +754,7 @@ async def test_wrong_project_id_or_dead_backend_is_an_upstream_error(
 ) -> None:
     async with CardanoRail(blockfrost_server.url, "not-the-key", network=NETWORK) as rail:
         with pytest.raises(UpstreamRailError):
-            await rail.verify_tx_hash("ab" * 32, ada_invoice, min_confirmations=1)
+            await rail.verify_tx_hash("ab" * 32, ada_invoice, min_confirmations=1, **SOMEONE)
         with pytest.raises(UpstreamRailError):
             await rail.submit("84a0a0f5f6")
 
@@ -616,7 +762,7 @@ async def test_wrong_project_id_or_dead_backend_is_an_upstream_error(
     await blockfrost_server.stop()
     async with CardanoRail(dead_url, blockfrost_server.project_id, network=NETWORK) as rail:
         with pytest.raises(UpstreamRailError):
-            await rail.verify_tx_hash("ab" * 32, ada_invoice, min_confirmations=1)
+            await rail.verify_tx_hash("ab" * 32, ada_invoice, min_confirmations=1, **SOMEONE)
 
 
 async def test_server_requires_project_id_like_blockfrost(
@@ -685,3 +831,76 @@ def test_expected_payment_from_invoice_detail(provider: Wallet, partner: Wallet)
         {"asset": TOKEN.unit, "amountUnits": "250", "payTo": provider.bech32}
     )
     assert token.asset == TOKEN and token.split_outputs == ()
+
+
+# ---------------------------------------------------------------------------- payer identity
+
+MESSAGE = invoice_message("inv_test", "addr_test1payer")
+
+
+def test_cip8_signature_of_the_payer_verifies(payer: Wallet) -> None:
+    sig, key = sign_message(payer, MESSAGE)
+    assert verify_cip8(payer.bech32, MESSAGE, sig, key)
+    # The tagged COSE_Sign1 some wallets send, and the address as CIP-30 hex bytes.
+    assert verify_cip8(payer.address.to_primitive().hex(), MESSAGE, "d2" + sig, key)
+    # Without a separate COSE key, the key travels in the kid header.
+    in_header = cip8.sign(MESSAGE, payer.skey, network=Network.TESTNET)
+    assert isinstance(in_header, str)
+    assert verify_cip8(payer.bech32, MESSAGE, in_header, None)
+    # Same payment key with a stake part: the same payer.
+    staked = Address(payment_part=payer.vkey.hash(), staking_part=new_wallet().vkey.hash())
+    assert verify_cip8(str(staked), MESSAGE, sig, key)
+
+
+def test_cip8_signature_of_another_message_is_refused(payer: Wallet) -> None:
+    sig, key = sign_message(payer, MESSAGE)
+    assert not verify_cip8(payer.bech32, MESSAGE + " ", sig, key)
+    assert not verify_cip8(payer.bech32, invoice_message("inv_other", payer.bech32), sig, key)
+
+
+def test_cip8_signature_checked_against_another_address_is_refused(payer: Wallet) -> None:
+    sig, key = sign_message(payer, MESSAGE)
+    victim = new_wallet()
+    assert not verify_cip8(victim.bech32, MESSAGE, sig, key)
+    # Nor can the signer borrow the victim's COSE key: the signature is not the victim's.
+    _, victims_key = sign_message(victim, "anything")
+    assert not verify_cip8(victim.bech32, MESSAGE, sig, victims_key)
+    # A script address has no key to sign with.
+    script = Address(payment_part=ScriptHash(payer.vkey.hash().payload), network=Network.TESTNET)
+    assert not verify_cip8(str(script), MESSAGE, sig, key)
+
+
+@pytest.mark.parametrize(
+    ("signature", "key"),
+    [
+        ("", None),
+        ("zz", None),
+        ("84", None),
+        ("d2", "a4"),
+        ("84a0a0f6f6", None),
+        (os.urandom(64).hex(), None),
+        ("ab" * 10_000, None),
+        ("GOOD", "zz"),
+        ("GOOD", os.urandom(40).hex()),
+        ("GOOD", "a4010103272006215820" + "00" * 31),
+    ],
+)
+def test_cip8_garbage_is_refused_without_raising(
+    payer: Wallet, signature: str, key: str | None
+) -> None:
+    good_sig, _ = sign_message(payer, MESSAGE)
+    signature = good_sig if signature == "GOOD" else signature
+    assert verify_cip8(payer.bech32, MESSAGE, signature, key) is False
+    assert verify_cip8("not an address", MESSAGE, good_sig, None) is False
+    assert verify_cip8(None, MESSAGE, good_sig, None) is False  # type: ignore[arg-type]
+
+
+def test_payer_addresses_are_normalized_to_bech32(payer: Wallet) -> None:
+    assert normalize_cardano_address(payer.bech32) == payer.bech32
+    assert normalize_cardano_address(f"  {payer.bech32}\n") == payer.bech32
+    assert normalize_cardano_address(payer.address.to_primitive().hex()) == payer.bech32
+    assert payment_key_hash(payer.bech32) == payer.vkey.hash().payload
+    script = Address(payment_part=ScriptHash(b"\x07" * 28), network=Network.TESTNET)
+    reward = Address(staking_part=payer.vkey.hash(), network=Network.TESTNET)
+    for bad in ("", "addr_test1notanaddress", "0x" + "ab" * 20, "abc", str(script), str(reward)):
+        assert normalize_cardano_address(bad) is None, bad

@@ -15,8 +15,16 @@ It behaves like a tiny node + indexer: submitted transactions are decoded with
 pycardano and checked the way a node would (inputs exist and are unspent,
 value is preserved, every vkey witness signs the body, the owners of the spent
 inputs and the required signers have witnesses). Accepted ones wait in the
-mempool (``/txs/{hash}`` is 404) until :meth:`BlockfrostServer.advance` makes a
-block; then their outputs become UTxOs that later transactions may spend.
+mempool (``/txs/{hash}`` and ``/txs/{hash}/utxos`` are 404, as on Blockfrost,
+which indexes blocks only) until a test "mines" with
+:meth:`BlockfrostServer.advance`; then their outputs become UTxOs that later
+transactions may spend, and ``/txs/{hash}/utxos`` lists the addresses their
+inputs were spent from.
+
+Block times follow :attr:`BlockfrostServer.clock` (wall-clock seconds unless a
+test sets it), one second or more apart, so "made after the invoice" is
+checked against real times; a test that needs an old transaction sets the
+clock back before making it.
 
 Tests seed value with :meth:`fund` (a genesis-like transaction in a block) and
 may add arbitrary confirmed transactions with :meth:`add_transaction`.
@@ -27,7 +35,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +68,9 @@ class _Tx:
     size: int = 0
     valid_contract: bool = True
     block_height: int | None = None  # None while in the mempool
+    # Read, not spent (CIP-31), and forfeited only if scripts fail: listed with flags.
+    reference_inputs: list[tuple[str, int]] = field(default_factory=list)
+    collateral_inputs: list[tuple[str, int]] = field(default_factory=list)
     index: int = 0
 
 
@@ -122,6 +133,10 @@ def _raw_body(tx_bytes: bytes) -> bytes:
     return tx_bytes[start : stream.tell()]
 
 
+def _refs(inputs: Any) -> list[tuple[str, int]]:
+    return [(i.transaction_id.payload.hex(), i.index) for i in inputs or []]
+
+
 def _error(status: int, error: str, message: str) -> web.Response:
     return web.json_response(
         {"status_code": status, "error": error, "message": message}, status=status
@@ -148,6 +163,8 @@ class BlockfrostServer:
         # Lets a test submit a tx the rail should have refused, to show the rail
         # (and not this server) is what refuses it.
         self.check_witnesses = check_witnesses
+        # Unix seconds for the next block's time; tests may replace it.
+        self.clock: Callable[[], float] = time.time
         self.submitted: list[SubmittedTx] = []
         self.requests: list[tuple[str, str]] = []
         self._txs: dict[str, _Tx] = {}
@@ -196,12 +213,21 @@ class BlockfrostServer:
         return self._tip
 
     def advance(self, blocks: int = 1) -> int:
-        """Make ``blocks`` new blocks; the first takes every mempool transaction. Returns tip."""
+        """Make ``blocks`` new blocks; the first takes every mempool transaction. Returns tip.
+
+        This is the test's way to confirm submitted transactions: until then
+        the indexer endpoints do not know them.
+        """
         for _ in range(blocks):
-            self._time += 20
             prev = self._blocks[self._tip]
+            # One block per slot at most, slots one second: times strictly increase.
+            self._time = max(prev.time + 1, int(self.clock()))
             block = _Block(
-                self._tip + 1, os.urandom(32).hex(), self._time, prev.slot + 20, prev.hash
+                self._tip + 1,
+                os.urandom(32).hex(),
+                self._time,
+                prev.slot + (self._time - prev.time),
+                prev.hash,
             )
             for index, tx_hash in enumerate(self._mempool):
                 tx = self._txs[tx_hash]
@@ -340,21 +366,26 @@ class BlockfrostServer:
         if tx is None:
             return _error(404, "Not Found", "The requested component has not been found.")
         inputs = []
-        for src_hash, src_index in tx.inputs:
-            src = self._txs[src_hash].outputs[src_index]
-            inputs.append(
-                {
-                    "address": src.address,
-                    "amount": _amount_list(src.amounts),
-                    "tx_hash": src_hash,
-                    "output_index": src_index,
-                    "data_hash": None,
-                    "inline_datum": None,
-                    "reference_script_hash": None,
-                    "collateral": False,
-                    "reference": False,
-                }
-            )
+        for refs, collateral, reference in (
+            (tx.inputs, False, False),
+            (tx.collateral_inputs, True, False),
+            (tx.reference_inputs, False, True),
+        ):
+            for src_hash, src_index in refs:
+                src = self._txs[src_hash].outputs[src_index]
+                inputs.append(
+                    {
+                        "address": src.address,
+                        "amount": _amount_list(src.amounts),
+                        "tx_hash": src_hash,
+                        "output_index": src_index,
+                        "data_hash": None,
+                        "inline_datum": None,
+                        "reference_script_hash": None,
+                        "collateral": collateral,
+                        "reference": reference,
+                    }
+                )
         outputs = [
             {
                 "address": out.address,
@@ -393,6 +424,8 @@ class BlockfrostServer:
             fee=body.fee,
             size=len(raw),
             valid_contract=tx.valid is not False,
+            reference_inputs=_refs(body.reference_inputs),
+            collateral_inputs=_refs(body.collateral),
         )
         self._mempool.append(tx_id)
         self.submitted.append(SubmittedTx(tx_id, raw, tx))
@@ -416,6 +449,10 @@ class BlockfrostServer:
             payment_part = Address.from_primitive(src.address).payment_part
             if payment_part is not None:
                 input_owners.add(bytes(payment_part.payload))
+        for ref in body.reference_inputs or []:
+            src_tx = self._txs.get(ref.transaction_id.payload.hex())
+            if src_tx is None or ref.index >= len(src_tx.outputs):
+                return f"BadInputsUTxO {ref.transaction_id.payload.hex()}#{ref.index} (reference)"
         produced: Amounts = {LOVELACE: body.fee}
         for out in body.outputs:
             _add(produced, _value_amounts(out))
