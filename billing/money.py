@@ -15,6 +15,11 @@ def parse_amount(value: object, decimals: int, *, allow_zero: bool = True) -> in
     """'0.05' -> 50000 for 6 decimals. Refuses floats, signs, exponents and excess precision."""
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise AmountError('amount must be a decimal string such as "0.05"')
+    # Bounded before any conversion: a 5,000-digit number is refused, not parsed.
+    if isinstance(value, int) and not 0 <= value < 2**62:
+        raise AmountError("amount is out of range")
+    if isinstance(value, str) and len(value) > 64:
+        raise AmountError("amount is too long")
     s = str(value).strip()
     m = _DECIMAL.match(s)
     if not m:

@@ -120,11 +120,15 @@ def rate(bps: int) -> str:
 
 
 async def registered_at(store: Store | Tx, provider_id: str) -> int | None:
-    v = await store.fetchval("SELECT registered_at FROM providers WHERE provider_id = $1", provider_id)
+    v = await store.fetchval(
+        "SELECT registered_at FROM providers WHERE provider_id = $1", provider_id
+    )
     return None if v is None else int(v)
 
 
-async def commission(store: Store, policy: FeePolicy, provider_id: str, now: int | None = None) -> dict[str, Any]:
+async def commission(
+    store: Store, policy: FeePolicy, provider_id: str, now: int | None = None
+) -> dict[str, Any]:
     """The growth-program status of a provider (ACF: Provider Commission Info)."""
     now = now or now_ms()
     reg = await registered_at(store, provider_id)
@@ -167,10 +171,11 @@ def _bad(field: str, message: str) -> BillingError:
 
 
 def month_bounds(period: str) -> tuple[int, int]:
-    """"2026-03" -> [2026-03-01, 2026-04-01) in UTC milliseconds."""
+    """ "2026-03" -> [2026-03-01, 2026-04-01) in UTC milliseconds."""
     m = _MONTH_RE.match(period.strip())
-    if not m or not 1 <= int(m.group(2)) <= 12:
-        raise _bad("period", f"{period!r} is not a YYYY-MM month")
+    # Years past 9998 have no following month in datetime; before 1970 holds no usage.
+    if not m or not 1 <= int(m.group(2)) <= 12 or not 1970 <= int(m.group(1)) <= 9998:
+        raise _bad("period", f"{period!r} is not a YYYY-MM month from 1970 to 9998")
     y, mo = int(m.group(1)), int(m.group(2))
     start = dt.datetime(y, mo, 1, tzinfo=dt.UTC)
     end = dt.datetime(y + (mo == 12), mo % 12 + 1, 1, tzinfo=dt.UTC)
@@ -199,9 +204,12 @@ def _instant(value: Any, field: str, *, end: bool) -> int:
         raise _bad(field, f"{value!r} is not an ISO 8601 date or datetime") from None
     if d.tzinfo is None:
         d = d.replace(tzinfo=dt.UTC)
-    if _DATE_RE.match(s) and end:
-        d += dt.timedelta(days=1)
-    return _ms(d)
+    try:
+        if _DATE_RE.match(s) and end:
+            d += dt.timedelta(days=1)
+        return _ms(d)
+    except (OverflowError, ValueError, OSError):
+        raise _bad(field, f"{value!r} is out of range") from None
 
 
 def parse_period(data: dict[str, Any]) -> tuple[int, int]:
@@ -218,8 +226,10 @@ def parse_period(data: dict[str, Any]) -> tuple[int, int]:
 
 
 def _iso(ms: int) -> str:
-    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).isoformat(timespec="seconds").replace(
-        "+00:00", "Z"
+    return (
+        dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC)
+        .isoformat(timespec="seconds")
+        .replace("+00:00", "Z")
     )
 
 
@@ -241,7 +251,9 @@ _CANDIDATES = (
 
 
 async def count_unsettled(store: Store, provider_id: str, asset: str, start: int, end: int) -> int:
-    return int(await store.fetchval("SELECT COUNT(*)" + _CANDIDATES, provider_id, asset, start, end))
+    return int(
+        await store.fetchval("SELECT COUNT(*)" + _CANDIDATES, provider_id, asset, start, end)
+    )
 
 
 async def providers_with_unsettled(store: Store, asset: str, start: int, end: int) -> list[str]:
@@ -250,7 +262,9 @@ async def providers_with_unsettled(store: Store, asset: str, start: int, end: in
         " WHERE u.asset = $1 AND u.amount > 0 AND u.created_at >= $2 AND u.created_at < $3"
         " AND NOT EXISTS (SELECT 1 FROM settlement_items s WHERE s.usage_id = u.id)"
         " ORDER BY u.provider_id",
-        asset, start, end,
+        asset,
+        start,
+        end,
     )
     return [r["provider_id"] for r in rows]
 
@@ -275,7 +289,13 @@ async def create_settlement(
             "INSERT INTO settlements (id, provider_id, asset, period_start, period_end, request_key,"
             " status, created_at) VALUES ($1, $2, $3, $4, $5, $6, 'processing', $7)"
             " ON CONFLICT (request_key) DO NOTHING",
-            sid, provider_id, asset, start, end, key, now,
+            sid,
+            provider_id,
+            asset,
+            start,
+            end,
+            key,
+            now,
         )
         row = await tx.fetchrow("SELECT * FROM settlements WHERE request_key = $1", key)
     assert row is not None
@@ -287,7 +307,9 @@ async def create_settlement(
     reg = await registered_at(store, provider_id)
     bps_sql = policy.sql_bps(reg, "u.created_at")
     total = await count_unsettled(store, provider_id, asset, start, end)
-    done = int(await store.fetchval("SELECT COUNT(*) FROM settlement_items WHERE settlement_id = $1", sid))
+    done = int(
+        await store.fetchval("SELECT COUNT(*) FROM settlement_items WHERE settlement_id = $1", sid)
+    )
     total += done
     if progress:
         progress(done, total)
@@ -295,8 +317,11 @@ async def create_settlement(
         "INSERT INTO settlement_items (usage_id, settlement_id, gross, call_fee, fee_bps, created_at)"
         " SELECT u.id, $5, SUM(t.amount), SUM(CASE WHEN t.kind = 'fee' THEN t.amount ELSE 0 END),"
         f" {bps_sql}, u.created_at"
-        + _CANDIDATES.replace(" FROM usage_records u", " FROM usage_records u JOIN transfers t"
-                              " ON t.usage_id = u.id AND t.kind IN ('charge', 'fee')")
+        + _CANDIDATES.replace(
+            " FROM usage_records u",
+            " FROM usage_records u JOIN transfers t"
+            " ON t.usage_id = u.id AND t.kind IN ('charge', 'fee')",
+        )
         + " GROUP BY u.id, u.created_at ORDER BY u.created_at, u.id LIMIT $6"
         " ON CONFLICT (usage_id) DO NOTHING"
     )
@@ -305,7 +330,8 @@ async def create_settlement(
             # Lock the settlement row: items are added only while it is
             # processing, and finalizing waits for a chunk in progress.
             if not await tx.execute(
-                "UPDATE settlements SET status = status WHERE id = $1 AND status = 'processing'", sid
+                "UPDATE settlements SET status = status WHERE id = $1 AND status = 'processing'",
+                sid,
             ):
                 break
             n = await tx.execute(insert_sql, provider_id, asset, start, end, sid, chunk)
@@ -327,7 +353,8 @@ async def _finalize(store: Store, sid: str, provider_id: str, asset: str) -> Row
     async with store.transaction() as tx:
         claimed = await tx.execute(
             "UPDATE settlements SET status = 'pending', finalized_at = $2 WHERE id = $1 AND status = 'processing'",
-            sid, now,
+            sid,
+            now,
         )
         if claimed:
             agg = await tx.fetchrow(
@@ -343,13 +370,20 @@ async def _finalize(store: Store, sid: str, provider_id: str, asset: str) -> Row
             await tx.execute(
                 "UPDATE settlements SET gross = $2, call_fee = $3, fee = $4, net = $5, call_count = $6"
                 " WHERE id = $1",
-                sid, gross, call_fee, fee, gross - fee, n,
+                sid,
+                gross,
+                call_fee,
+                fee,
+                gross - fee,
+                n,
             )
             await _book_fee_difference(tx, sid, provider_id, asset, fee - call_fee, now)
         return await tx.fetchrow("SELECT * FROM settlements WHERE id = $1", sid)
 
 
-async def _book_fee_difference(tx: Tx, sid: str, provider_id: str, asset: str, diff: int, now: int) -> None:
+async def _book_fee_difference(
+    tx: Tx, sid: str, provider_id: str, asset: str, diff: int, now: int
+) -> None:
     if diff == 0:
         return
     earn, fees = j.earnings(provider_id, asset), j.fees(asset)
@@ -371,7 +405,9 @@ async def pay(store: Store, sid: str, payment_tx: str, decimals: int) -> Row:
         marked = await tx.execute(
             "UPDATE settlements SET status = 'completed', payment_tx = $2, paid_at = $3"
             " WHERE id = $1 AND status = 'pending'",
-            sid, payment_tx, now,
+            sid,
+            payment_tx,
+            now,
         )
         row = await tx.fetchrow("SELECT * FROM settlements WHERE id = $1", sid)
         if row is None:
@@ -381,13 +417,26 @@ async def pay(store: Store, sid: str, payment_tx: str, decimals: int) -> Row:
         net, provider, asset = int(row["net"]), row["provider_id"], row["asset"]
         if net > 0:
             ok = await tx.transfer(
-                Transfer(new_id("tr"), j.earnings(provider, asset), j.world(asset), net, "payout",
-                         f"payout:{sid}", payment_id=None),
-                guard=True, now=now,
+                Transfer(
+                    new_id("tr"),
+                    j.earnings(provider, asset),
+                    j.world(asset),
+                    net,
+                    "payout",
+                    f"payout:{sid}",
+                    payment_id=None,
+                ),
+                guard=True,
+                now=now,
             )
-            if not ok:  # cannot happen while every step above is booked; refuse rather than overdraw
-                raise BillingError("the provider's earnings do not cover this payout",
-                                   code="insufficient_earnings", status=409)
+            if (
+                not ok
+            ):  # cannot happen while every step above is booked; refuse rather than overdraw
+                raise BillingError(
+                    "the provider's earnings do not cover this payout",
+                    code="insufficient_earnings",
+                    status=409,
+                )
         await enqueue_event(tx, provider, SETTLEMENT_COMPLETED, render(row, decimals), now=now)
     return row
 
@@ -397,11 +446,18 @@ def _not_payable(row: Row) -> BillingError:
     sid, status, wid = row["id"], row["status"], row["withdrawal_id"]
     if status == COMPLETED:
         how = f"by withdrawal {wid}" if wid else f"outside Tollway ({row['payment_tx']})"
-        return BillingError(f"settlement {sid} is already paid {how}", code="already_paid", status=409)
+        return BillingError(
+            f"settlement {sid} is already paid {how}", code="already_paid", status=409
+        )
     if status == PAYING:
-        return BillingError(f"settlement {sid} is being paid by withdrawal {wid}",
-                            code="payout_in_progress", status=409)
-    return BillingError(f"settlement {sid} is still being built", code="settlement_processing", status=409)
+        return BillingError(
+            f"settlement {sid} is being paid by withdrawal {wid}",
+            code="payout_in_progress",
+            status=409,
+        )
+    return BillingError(
+        f"settlement {sid} is still being built", code="settlement_processing", status=409
+    )
 
 
 # --------------------------------------------------------------------------- paid by withdrawals
@@ -439,42 +495,63 @@ async def plan_payout(
         if len(set(ids)) != len(ids):
             raise BillingError("settlement_ids has duplicates", code="validation_error", status=422)
         if len(ids) > MAX_PAYOUT_SETTLEMENTS:
-            raise BillingError(f"at most {MAX_PAYOUT_SETTLEMENTS} settlements per payout",
-                               code="validation_error", status=422)
+            raise BillingError(
+                f"at most {MAX_PAYOUT_SETTLEMENTS} settlements per payout",
+                code="validation_error",
+                status=422,
+            )
         marks = ", ".join(f"${i + 1}" for i in range(len(ids)))
-        rows = {r["id"]: r for r in await store.fetch(
-            f"SELECT * FROM settlements WHERE id IN ({marks})", *ids)}
+        rows = {
+            r["id"]: r
+            for r in await store.fetch(f"SELECT * FROM settlements WHERE id IN ({marks})", *ids)
+        }
         for sid in ids:
             r = rows.get(sid)
             if r is None or r["provider_id"] != provider_id or r["asset"] != asset:
-                raise BillingError(f"no such settlement: {sid}", code="settlement_not_found", status=404)
+                raise BillingError(
+                    f"no such settlement: {sid}", code="settlement_not_found", status=404
+                )
             if r["status"] != PENDING:
                 raise _not_payable(r)
         total = sum(int(rows[sid]["net"]) for sid in ids)
         if amount is not None and amount != total:
             raise BillingError(
                 f"amount {amount} is not the net of these settlements ({total})",
-                code="amount_mismatch", status=422,
+                code="amount_mismatch",
+                status=422,
             )
         if total <= 0:
-            raise BillingError("these settlements have nothing to pay out (net 0): pay them with"
-                               " PATCH /settlements/{id}/pay", code="nothing_to_pay", status=409)
+            raise BillingError(
+                "these settlements have nothing to pay out (net 0): pay them with"
+                " PATCH /settlements/{id}/pay",
+                code="nothing_to_pay",
+                status=409,
+            )
         return PayoutPlan(tuple(ids), total)
 
     pending = await store.fetch(
         "SELECT id, net FROM settlements WHERE provider_id = $1 AND asset = $2 AND status = 'pending'"
         " ORDER BY created_at, id LIMIT $3",
-        provider_id, asset, MAX_PAYOUT_SETTLEMENTS,
+        provider_id,
+        asset,
+        MAX_PAYOUT_SETTLEMENTS,
     )
     if not pending:
-        raise BillingError("no settled-but-unpaid settlement to pay: earnings are paid out only"
-                           " against settlements", code="no_unpaid_settlement", status=409)
+        raise BillingError(
+            "no settled-but-unpaid settlement to pay: earnings are paid out only"
+            " against settlements",
+            code="no_unpaid_settlement",
+            status=409,
+        )
     target = amount
     if target is None:
         target = next((int(r["net"]) for r in pending if int(r["net"]) > 0), 0)
         if target == 0:
-            raise BillingError("the unpaid settlements have nothing to pay out (net 0)",
-                               code="nothing_to_pay", status=409)
+            raise BillingError(
+                "the unpaid settlements have nothing to pay out (net 0)",
+                code="nothing_to_pay",
+                status=409,
+            )
     taken: list[str] = []
     total = 0
     for r in pending:
@@ -490,13 +567,15 @@ async def plan_payout(
             f"no run of the oldest unpaid settlements has a net of exactly {target}"
             f" (their nets, oldest first: {nets}{', ...' if len(pending) > 5 else ''});"
             " name them with settlement_id(s) or withdraw their exact net",
-            code="no_matching_settlement", status=409,
+            code="no_matching_settlement",
+            status=409,
         )
     return PayoutPlan(tuple(taken), total)
 
 
-async def claim_payout(tx: Tx, provider_id: str, asset: str, withdrawal_id: str, plan: PayoutPlan,
-                       now: int) -> None:
+async def claim_payout(
+    tx: Tx, provider_id: str, asset: str, withdrawal_id: str, plan: PayoutPlan, now: int
+) -> None:
     """Mark the plan's settlements ``paying`` for this withdrawal, in the debit's transaction.
 
     Raises (so the caller's transaction, debit included, rolls back) when any
@@ -507,28 +586,40 @@ async def claim_payout(tx: Tx, provider_id: str, asset: str, withdrawal_id: str,
     n = await tx.execute(
         f"UPDATE settlements SET status = 'paying', withdrawal_id = $1"
         f" WHERE provider_id = $2 AND asset = $3 AND status = 'pending' AND id IN ({marks})",
-        withdrawal_id, provider_id, asset, *ids,
+        withdrawal_id,
+        provider_id,
+        asset,
+        *ids,
     )
     rows = await tx.fetch(
-        f"SELECT * FROM settlements WHERE id IN ({', '.join(f'${i + 1}' for i in range(len(ids)))})", *ids
+        f"SELECT * FROM settlements WHERE id IN ({', '.join(f'${i + 1}' for i in range(len(ids)))})",
+        *ids,
     )
     if n != len(ids):
         for r in rows:
             if r["withdrawal_id"] != withdrawal_id or r["status"] != PAYING:
                 raise _not_payable(r)
-        raise BillingError("a settlement of this payout changed meanwhile", code="settlement_changed",
-                           status=409)
+        raise BillingError(
+            "a settlement of this payout changed meanwhile", code="settlement_changed", status=409
+        )
     if sum(int(r["net"]) for r in rows) != plan.amount:  # nets are fixed once pending
-        raise BillingError("the settlements' net changed meanwhile", code="settlement_changed", status=409)
+        raise BillingError(
+            "the settlements' net changed meanwhile", code="settlement_changed", status=409
+        )
     for r in rows:
         await tx.execute(
             "INSERT INTO withdrawal_settlements (withdrawal_id, settlement_id, net, created_at)"
             " VALUES ($1, $2, $3, $4)",
-            withdrawal_id, r["id"], int(r["net"]), now,
+            withdrawal_id,
+            r["id"],
+            int(r["net"]),
+            now,
         )
 
 
-async def complete_payout(tx: Tx, withdrawal_id: str, payment_ref: str, now: int, decimals: int) -> int:
+async def complete_payout(
+    tx: Tx, withdrawal_id: str, payment_ref: str, now: int, decimals: int
+) -> int:
     """The withdrawal's payout was made: its settlements are completed, paid by ``payment_ref``.
 
     Runs in the transaction that records the payout; queues ``settlement.completed``
@@ -537,10 +628,14 @@ async def complete_payout(tx: Tx, withdrawal_id: str, payment_ref: str, now: int
     rows = await tx.fetch(
         "UPDATE settlements SET status = 'completed', payment_tx = $2, paid_at = $3"
         " WHERE withdrawal_id = $1 AND status = 'paying' RETURNING *",
-        withdrawal_id, payment_ref, now,
+        withdrawal_id,
+        payment_ref,
+        now,
     )
     for r in rows:
-        await enqueue_event(tx, r["provider_id"], SETTLEMENT_COMPLETED, render(r, decimals), now=now)
+        await enqueue_event(
+            tx, r["provider_id"], SETTLEMENT_COMPLETED, render(r, decimals), now=now
+        )
     return len(rows)
 
 
@@ -585,7 +680,8 @@ async def list_settlements(
     args.append(limit)
     cond = f" WHERE {' AND '.join(where)}" if where else ""
     return await store.fetch(
-        f"SELECT * FROM settlements{cond} ORDER BY created_at DESC, id DESC LIMIT ${len(args)}", *args
+        f"SELECT * FROM settlements{cond} ORDER BY created_at DESC, id DESC LIMIT ${len(args)}",
+        *args,
     )
 
 

@@ -55,6 +55,8 @@ def parse_credentials(request: web.Request) -> tuple[str, str] | None:
         value = request.headers.get("api-key")
         if value is None:
             return None
+    if len(value) > 512 or not value.isascii() or not value.isprintable():
+        raise ApiError(401, "unauthorized", "credentials must be printable ASCII key_id:secret")
     key_id, sep, secret = value.strip().partition(":")
     if not sep or not key_id or not secret:
         raise ApiError(401, "unauthorized", "credentials must be key_id:secret")

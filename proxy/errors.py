@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from billing.errors import BillingError
+from proxy.body import BodyError, parse_json_object, read_whole
 
 log = logging.getLogger("tollway")
 
@@ -113,20 +114,11 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 
 async def read_json(request: web.Request, max_bytes: int = 1 << 20) -> dict[str, Any]:
-    if request.content_length is not None and request.content_length > max_bytes:
-        raise ApiError(413, "payload_too_large", f"JSON body over {max_bytes} bytes")
-    raw = await request.content.read(max_bytes + 1)
-    if len(raw) > max_bytes:
-        raise ApiError(413, "payload_too_large", f"JSON body over {max_bytes} bytes")
-    if not raw:
-        return {}
     try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "invalid_json", "request body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "invalid_json", "request body must be a JSON object")
-    return data
+        raw = await read_whole(request.content, max_bytes, request.content_length)
+        return parse_json_object(raw)
+    except BodyError as e:
+        raise ApiError(e.status, e.code, e.message) from None
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:

@@ -199,8 +199,12 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
 
     usage_id = new_id("use")
     idem = request.headers.get("Idempotency-Key")
-    if idem is not None and not (0 < len(idem) <= 255):
-        raise ApiError(400, "invalid_idempotency_key", "Idempotency-Key must be 1..255 characters")
+    if idem is not None and not (0 < len(idem) <= 255 and idem.isascii() and idem.isprintable()):
+        raise ApiError(
+            400,
+            "invalid_idempotency_key",
+            "Idempotency-Key must be 1..255 printable ASCII characters",
+        )
 
     paid = None
     if rt.payments is not None and (key is None or rt.payments.carries_payment(request)):

@@ -23,8 +23,10 @@ from billing.payer_proof import PayerProof
 from billing.payments import X402Call, X402Gateway
 from ledger import ops
 from ledger.registry import KeyRecord, Service
+from proxy.body import BodyError, read_whole
 from proxy.errors import ApiError
 from proxy.ratelimit import Limit
+from proxy.validation import header_value
 
 PAYMENT_HEADERS = ("PAYMENT-SIGNATURE", "X-PAYMENT", "X-Invoice-Id")
 
@@ -38,12 +40,42 @@ class PaidCall:
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:
-    if request.content_length is not None and request.content_length > limit:
-        raise ApiError(413, "payload_too_large", f"request body over {limit} bytes")
-    data = await request.content.read(limit + 1) if request.body_exists else b""
-    if len(data) > limit:
-        raise ApiError(413, "payload_too_large", f"request body over {limit} bytes")
-    return data
+    """The whole body: an invoice binds its hash, and the upstream gets exactly it."""
+    if not request.body_exists:
+        return b""
+    try:
+        return await read_whole(request.content, limit, request.content_length)
+    except BodyError as e:
+        raise ApiError(e.status, e.code, e.message) from None
+
+
+class _PaymentHeaders:
+    """The payment headers, each checked as printable ASCII before it reaches a lookup."""
+
+    def __init__(self, headers: Any):
+        self._headers = headers
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._headers
+
+    def __getitem__(self, name: str) -> str:
+        v = self.get(name)
+        if v is None:
+            raise KeyError(name)
+        return v
+
+    def get(self, name: str) -> str | None:
+        return header_value(self._headers, name, max_len=_HEADER_LIMITS.get(name, 200))
+
+
+# Signed Cardano transactions travel in X-Payment; the rest are ids, hashes and signatures.
+_HEADER_LIMITS = {
+    "X-Payment": 64 * 1024,
+    "PAYMENT-SIGNATURE": 16 * 1024,
+    "X-PAYMENT": 16 * 1024,
+    "X-Payer-Signature": 4096,
+    "X-Payer-Key": 1024,
+}
 
 
 class Paywall:
@@ -62,7 +94,7 @@ class Paywall:
     async def accept(
         self, request: web.Request, svc: Service, key: KeyRecord | None, usage_id: str
     ) -> PaidCall | None:
-        h = request.headers
+        h = _PaymentHeaders(request.headers)
         x402_value = h.get("PAYMENT-SIGNATURE") or h.get("X-PAYMENT")
         invoice_id = h.get("X-Invoice-Id")
         if invoice_id and self.invoices is not None:
@@ -157,7 +189,8 @@ class Paywall:
                     batch = 0
                 if not 1 <= batch <= 100_000:
                     raise ApiError(400, "invalid_batch_target", "X-Batch-Target must be 1..100000")
-            wallet = request.headers.get("X-Wallet-Address")
+            ph = _PaymentHeaders(request.headers)
+            wallet = ph.get("X-Wallet-Address")
             explicit = batch is not None or "X-Payment-Chain" in request.headers
             if not wallet and not explicit:
                 # An invoice is bound to the address that pays it; without one the
@@ -178,7 +211,7 @@ class Paywall:
                     self._binding(request, raw),
                     owner_id=key.owner_id if key else None,
                     wallet_address=wallet,
-                    chain=request.headers.get("X-Payment-Chain"),
+                    chain=ph.get("X-Payment-Chain"),
                     batch_target=batch,
                 )
             except BillingError as e:

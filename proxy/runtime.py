@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,28 +41,49 @@ class Target:
     forbidden: str | None  # why a literal address is refused, if it is
 
 
+# Service ids are UUIDs; anything else is refused before a lookup.
+SERVICE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
 class ServiceCache:
     """id -> Service. Invalidated at once on change in this process; other
     processes see changes within ``ttl`` seconds."""
 
-    def __init__(self, registry: Registry, ttl: float, allow_private: bool):
+    def __init__(
+        self, registry: Registry, ttl: float, allow_private: bool, max_misses: int = 10_000
+    ):
         self.registry, self.ttl, self.allow_private = registry, ttl, allow_private
-        self._entries: dict[str, tuple[Service | None, float]] = {}
+        self._entries: dict[str, tuple[Service, float]] = {}
+        # Unknown ids come from the caller: kept apart, few, and short-lived, so a
+        # flood of made-up ids costs neither memory nor one database read each.
+        self._misses: OrderedDict[str, float] = OrderedDict()
+        self._max_misses = max_misses
         self._targets: dict[tuple[str, str], Target] = {}
 
     async def get(self, service_id: str) -> Service | None:
-        hit = self._entries.get(service_id)
+        if not SERVICE_ID_RE.match(service_id):
+            return None
         now = time.monotonic()
+        hit = self._entries.get(service_id)
         if hit is not None and now - hit[1] < self.ttl:
             return hit[0]
+        missed = self._misses.get(service_id)
+        if missed is not None and now - missed < self.ttl:
+            return None
         svc = await self.registry.get_service(service_id)
+        if svc is None:
+            self._misses[service_id] = now
+            self._misses.move_to_end(service_id)
+            while len(self._misses) > self._max_misses:
+                self._misses.popitem(last=False)
+            return None
+        self._misses.pop(service_id, None)
         self._entries[service_id] = (svc, now)
-        if len(self._entries) > 100_000:
-            self._entries.clear()
         return svc
 
     def forget(self, service_id: str) -> None:
         self._entries.pop(service_id, None)
+        self._misses.pop(service_id, None)
 
     def target(self, svc: Service) -> Target:
         k = (svc.id, svc.endpoint)

@@ -59,3 +59,16 @@ def query_int(value: str | None, name: str, default: int, lo: int, hi: int) -> i
     if not lo <= n <= hi:
         raise ApiError(400, "invalid_query", f"{name} must be from {lo} to {hi}")
     return n
+
+
+def header_value(headers: Any, name: str, *, max_len: int = 1000) -> str | None:
+    """A header as printable ASCII, or a 400: aiohttp keeps undecodable bytes as
+    surrogates, which would fail later (hashing, the database) as a 500."""
+    v = headers.get(name)
+    if v is None:
+        return None
+    if len(v) > max_len or not v.isascii() or not v.isprintable():
+        raise ApiError(
+            400, "invalid_header", f"{name} must be printable ASCII of at most {max_len} characters"
+        )
+    return v

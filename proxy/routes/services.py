@@ -114,7 +114,7 @@ async def register(request: web.Request) -> web.Response:
         price_units=_price(rt, data.get("price_per_call")),
         asset=rt.settings.default_asset,
         payment_method=_method(data.get("payment_method", "x402")),
-        free_tier_calls=opt_int(data, "free_tier_calls", 0, lo=0, hi=10**12),
+        free_tier_calls=opt_int(data, "free_tier_calls", 0, lo=0, hi=2**31 - 1),
         allow_anonymous=opt_bool(data, "allow_anonymous", False),
         category=opt_str(data, "category", max_len=100, default="") or "",
         tags=_tags(data.get("tags", [])),
@@ -190,7 +190,7 @@ async def patch_service(request: web.Request) -> web.Response:
         elif name == "payment_method":
             changes["payment_method"] = _method(value)
         elif name == "free_tier_calls":
-            changes["free_tier_calls"] = opt_int(data, "free_tier_calls", 0, lo=0, hi=10**12)
+            changes["free_tier_calls"] = opt_int(data, "free_tier_calls", 0, lo=0, hi=2**31 - 1)
         elif name == "allow_anonymous":
             changes["allow_anonymous"] = opt_bool(data, "allow_anonymous", False)
         else:
