@@ -332,3 +332,35 @@ async def test_cardano_refusals(
     assert not blockfrost_server.submitted
     assert await _deposits(env) == []
     await _ledger_clean(env)
+
+
+async def test_cardano_wallet_signs_in_with_cip8_and_only_its_own_key_works(
+    setup: Env, blockfrost_server: BlockfrostServer
+):
+    """A Cardano payer's wallet owner id is claimed with a CIP-8 signature of a fresh
+    challenge; another wallet's signature, or a replay, claims nothing."""
+    env, tw = setup, setup.tw
+    payer, thief = new_wallet(), new_wallet()
+    st, body, _ = await tw.api("POST", "/api/v1/keys", json={"owner_id": f"tollway:{payer.bech32}"})
+    assert st == 403 and body["error"]["code"] == "owner_id_reserved"
+    st, ch, _ = await tw.api(
+        "POST", "/api/v1/auth/challenge", json={"address": payer.bech32, "chain": "cardano"}
+    )
+    assert st == 201 and ch["owner_id"] == f"tollway:{payer.bech32}", ch
+    forged_sig, forged_key = sign_message(thief, ch["message"])
+    st, body, _ = await tw.api(
+        "POST",
+        "/api/v1/auth/verify",
+        json={"message": ch["message"], "signature": forged_sig, "key": forged_key},
+    )
+    assert st == 401 and body["error"]["code"] == "invalid_wallet_signature"
+    signature, key = sign_message(payer, ch["message"])
+    proof = {"message": ch["message"], "signature": signature, "key": key}
+    st, k, _ = await tw.api("POST", "/api/v1/auth/verify", json=proof)
+    assert st == 201 and k["owner_id"] == f"tollway:{payer.bech32}", k
+    st, _, _ = await tw.api("POST", "/api/v1/auth/verify", json=proof)
+    assert st == 401  # each challenge is used once
+    st, bal, _ = await tw.api(
+        "GET", f"/payments/balance?wallet={payer.bech32}", f"{k['key_id']}:{k['secret']}"
+    )
+    assert st == 200 and bal["wallet"] == payer.bech32
