@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from config import Settings, SettingsError, load
+from config.redact import redact_url, scrub
 
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
@@ -56,7 +57,7 @@ async def _serve_one(settings: Settings, *, reuse_port: bool) -> None:
         settings.host,
         settings.port,
         settings.storage_kind,
-        settings.redis_url or "absent",
+        redact_url(settings.redis_url),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -140,12 +141,30 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+class StartError(Exception):
+    """A runtime failure before the command could do its work: one line, exit 2."""
+
+
+def _existing_sqlite(database_url: str) -> None:
+    if database_url.startswith("sqlite:///"):
+        path = database_url.removeprefix("sqlite:///")
+        if path != ":memory:" and not os.path.exists(path):
+            raise StartError(f"no database at {path}")
+
+
 async def _verify(settings: Settings) -> Any:
     from ledger.db import open_store
     from ledger.verify import verify
 
+    # Verifying checks a ledger that exists; it never makes a new, empty one.
+    _existing_sqlite(settings.database_url)
     store = open_store(settings.database_url)
-    await store.connect()
+    try:
+        await store.connect()
+    except Exception as e:
+        raise StartError(
+            f"cannot open {redact_url(settings.database_url)}: {scrub(str(e))}"
+        ) from None
     try:
         await store.migrate()
         return await verify(store)
@@ -317,6 +336,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as e:
         print(f"tollway: {e}", file=sys.stderr)
         return 2
+    except StartError as e:
+        print(f"tollway: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:
+        # The database unreachable, the port taken...: one line an operator can act on.
+        logging.getLogger("tollway").debug("command failed", exc_info=True)
+        print(f"tollway: {type(e).__name__}: {scrub(str(e)) or 'failed'}", file=sys.stderr)
+        return 1
     return 2
 
 

@@ -10,7 +10,8 @@ from typing import Any
 
 from aiohttp import web
 
-from billing.errors import BillingError
+from billing.errors import BillingError, UpstreamRailError
+from config.redact import scrub
 from proxy.body import BodyError, parse_json_object, read_whole
 
 log = logging.getLogger("tollway")
@@ -93,7 +94,12 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
         if getattr(e, "tx_id", None):
             extra["tx_id"] = e.tx_id  # type: ignore[attr-defined]
         headers = getattr(e, "headers", None)
-        resp = error_response(e.status, e.code, e.message, headers=headers, **extra)
+        message = e.message
+        if isinstance(e, UpstreamRailError):
+            # A node's error may name its URL, API key included: logged, redacted here.
+            log.warning("payment rail error on %s: %s", request.path, scrub(e.message))
+            message = scrub(e.message)
+        resp = error_response(e.status, e.code, message, headers=headers, **extra)
     except web.HTTPException as e:
         if e.status < 400:
             raise
