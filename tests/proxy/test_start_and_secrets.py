@@ -49,7 +49,8 @@ async def test_redis_password_is_not_in_the_log(tmp_path, upstream: Upstream):
             await tw.call(sid, "ok", buyer)
     finally:
         await tw.close()
-    log = open(tw.logs[0]).read()
+    with open(tw.logs[0]) as f:
+        log = f.read()
     assert "listening" in log and password not in log
 
 
