@@ -32,6 +32,7 @@ from config.netpolicy import AddressForbidden
 from ledger.journal import new_id
 from ledger.ops import CLIENT_GONE
 from proxy import metrics
+from proxy.cookies import cookie_prefix, cookies_for_service, scope_set_cookie, service_path
 from proxy.errors import REQUEST_ID, ApiError, request_id
 from proxy.ratelimit import Limit
 from proxy.runtime import RT, Runtime
@@ -142,14 +143,21 @@ def client_ip(request: web.Request, trust_forwarded: bool) -> str:
     return request.remote or "unknown"
 
 
-def upstream_headers(request: web.Request, ip: str, rid: str) -> CIMultiDict[str]:
+def upstream_headers(
+    request: web.Request, ip: str, rid: str, cookie_prefix: str = ""
+) -> CIMultiDict[str]:
     drop = PRIVATE_REQUEST
     conn = request.headers.get("Connection")
     if conn:
         drop = drop | {t.strip().lower() for t in conn.split(",")}
     out: CIMultiDict[str] = CIMultiDict()
     for k, v in request.headers.items():
-        if k.lower() not in drop:
+        kl = k.lower()
+        if kl == "cookie":
+            v = cookies_for_service(v, cookie_prefix)  # type: ignore[assignment]
+            if v is None:
+                continue
+        if kl not in drop:
             out.add(k, v)
     prior = request.headers.get("X-Forwarded-For")
     out["X-Forwarded-For"] = f"{prior}, {ip}" if prior else ip
@@ -242,7 +250,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         up = await rt.session.request(
             request.method,
             URL(url, encoded=True),
-            headers=upstream_headers(request, ip, rid),
+            headers=upstream_headers(request, ip, rid, cookie_prefix(svc.id)),
             data=body,
             allow_redirects=False,
         )
@@ -291,6 +299,11 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     drop = HOP_BY_HOP if not conn else HOP_BY_HOP | {t.strip().lower() for t in conn.split(",")}
     for k, v in up.headers.items():
         kl = k.lower()
+        if kl == "set-cookie":
+            scoped = scope_set_cookie(v, cookie_prefix(svc.id), service_path(request.path, svc.id))
+            if scoped is not None:
+                h.add(k, scoped)
+            continue
         # Billing and payment headers are ours alone: an upstream cannot forge them.
         if kl not in drop and not kl.startswith("x-acf-") and kl not in _PAYMENT_RESPONSE:
             h.add(k, v)

@@ -8,6 +8,7 @@ import time
 
 import aiohttp
 
+from proxy.cookies import cookie_prefix
 from tests.support.tollway import InProcess
 from tests.support.upstream import Upstream
 
@@ -117,7 +118,29 @@ async def test_gzip_body_is_byte_identical_and_cookies_repeat(
     assert h["Content-Encoding"] == "gzip"
     assert body == upstream.gzip_body
     st, _, h = await tollway.call(sid, "cookies", bkey)
-    assert h.getall("Set-Cookie") == ["a=1; Path=/", "b=2; Path=/"]
+    p, path = cookie_prefix(sid), f"/api/v1/proxy/{sid}/"
+    assert h.getall("Set-Cookie") == [f"{p}a=1; Path={path}", f"{p}b=2; Path={path}"]
+
+
+async def test_a_cookie_set_by_one_service_never_reaches_another(
+    tollway: InProcess, upstream: Upstream
+):
+    pkey = await tollway.key("prov", "provider")
+    a = await tollway.service(pkey, upstream.url, name="a")
+    b = await tollway.service(pkey, upstream.url, name="b")
+    bkey = await tollway.key("buyer")
+    st, _, h = await tollway.call(a, "cookies", bkey)
+    assert st == 200
+    set_by_a = [c.split(";")[0] for c in h.getall("Set-Cookie")]
+    # a client that ignores Path and sends every cookie it holds, plus one of its own
+    jar = "; ".join([*set_by_a, "session=buyer-secret"])
+    st, _, _ = await tollway.call(b, "echo/b", bkey, headers={"Cookie": jar})
+    assert st == 200
+    assert "cookie" not in {k.lower() for k, _ in upstream.seen[-1].headers}
+    st, _, _ = await tollway.call(a, "echo/a", bkey, headers={"Cookie": jar})
+    assert st == 200
+    sent = [v for k, v in upstream.seen[-1].headers if k.lower() == "cookie"]
+    assert sent == ["a=1; b=2"]  # A gets its own cookies back, under their own names
 
 
 async def test_error_cases_have_json_shape(tollway: InProcess, upstream: Upstream):
