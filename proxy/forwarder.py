@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote
 
@@ -273,23 +273,28 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
 
     served = up.status < 500
     known_len = up.content_length
-    settle = _settle(
-        rt, request, ticket, paid, up.status, t_up, body, known_len or 0, rid, latency=latency
-    )
-    pending: asyncio.Future[int] | None = None
+
+    def settle_as(status: int) -> Any:
+        return _settle(
+            rt, request, ticket, paid, status, t_up, body, known_len or 0, rid, latency=latency
+        )
+
+    pending: _DeferredCapture | None = None
     hold_left = rt.settings.hold_ttl_seconds - (time.monotonic() - ticket.reserved_at)
-    if paid is None and hold_left > _HOLD_MARGIN_SECONDS:
-        # The hold already secures the money and has time left, so the headers
-        # need not wait for the capture to commit: it runs while the body
-        # streams, and the last bytes wait for it (a client that has the whole
-        # response can trust its balance and usage).
-        pending = asyncio.ensure_future(settle)
-        charged = ticket.amount if served else 0
+    if paid is None and served and hold_left > _HOLD_MARGIN_SECONDS:
+        # The hold secures the money and has time left, so the headers need not
+        # wait: the capture starts when the upstream's body is complete (a body
+        # the upstream breaks off is voided, never charged) and the bytes that
+        # complete it wait for the commit. A stream still running when the hold
+        # nears its expiry is captured then.
+        pending = _DeferredCapture(lambda: settle_as(up.status), hold_left - _HOLD_MARGIN_SECONDS)
+        charged = ticket.amount
     else:
         # A payment carried on the request settles first (its response header
-        # names the transaction); so does a call whose hold is about to expire.
+        # names the transaction); so does a call whose hold is about to expire,
+        # and an upstream error (voided at once).
         try:
-            charged = await settle
+            charged = await settle_as(up.status)
         except BillingError:
             up.release()  # x402 settlement failed: the response is not delivered unpaid
             raise
@@ -333,17 +338,32 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     sent = 0
     try:
         await resp.prepare(request)
-        async for chunk in up.content.iter_any():
+        chunks = up.content.iter_any()
+        while True:
+            try:
+                chunk = await chunks.__anext__()
+            except StopAsyncIteration:
+                break
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                # The upstream broke its body off: the call failed, so it is not charged.
+                log.info("upstream body of %s broke off: %r", ticket.usage_id, exc)
+                if pending is not None:
+                    await asyncio.shield(pending.start(lambda: settle_as(UPSTREAM_BROKEN)))
+                    pending = None
+                rt.counters.inc(svc.id, "upstream_broken")
+                if request.transport is not None:
+                    request.transport.close()
+                return resp
             sent += len(chunk)
             if pending is not None and known_len is not None and sent >= known_len:
-                await pending  # before the bytes that complete the body
+                await pending.start()  # before the bytes that complete the body
                 pending = None
             await resp.write(chunk)
         if pending is not None:
-            await pending  # before the end of a chunked (e.g. SSE) stream
+            await pending.start()  # before the end of a chunked (e.g. SSE) stream
             pending = None
     except (ConnectionResetError, aiohttp.ClientError, asyncio.CancelledError) as exc:
-        # Mid-body failure after the headers: the call was answered and stays charged.
+        # The client left mid-body: the call was answered and stays charged.
         log.info("stream %s ended early: %r", ticket.usage_id, exc)
         up.release()
         if isinstance(exc, asyncio.CancelledError):
@@ -354,7 +374,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     finally:
         up.release()
         if pending is not None:
-            await asyncio.shield(pending)
+            await asyncio.shield(pending.start())
     counted = body.count if isinstance(body, _Body) else (len(body) if body else 0)
     if known_len is None or (
         isinstance(body, _Body) and counted != (request.content_length or counted)
@@ -362,6 +382,34 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         rt.amend_usage(ticket.usage_id, counted, sent)
     await resp.write_eof()
     return resp
+
+
+# Recorded for a response whose body the upstream broke off (short of its
+# Content-Length, or a chunked stream without its end): a failed call, not charged.
+UPSTREAM_BROKEN = 502
+
+
+class _DeferredCapture:
+    """A hold's capture that starts once: when the body completes, when the upstream
+    breaks it (then as a void), or at a deadline before the hold would expire."""
+
+    __slots__ = ("_default", "_task", "_timer")
+
+    def __init__(self, default: Callable[[], Awaitable[int]], deadline_seconds: float):
+        self._default = default
+        self._task: asyncio.Future[int] | None = None
+        self._timer = asyncio.get_running_loop().call_later(
+            max(0.0, deadline_seconds), self.start
+        )
+
+    def start(self, settle: Callable[[], Awaitable[int]] | None = None) -> asyncio.Future[int]:
+        if self._task is None:
+            self._timer.cancel()
+            self._task = asyncio.ensure_future((settle or self._default)())
+        return self._task
+
+    def __await__(self) -> Any:
+        return self.start().__await__()
 
 
 def _upstream_failure(exc: BaseException, body: _Body | None) -> tuple[int, str, str]:

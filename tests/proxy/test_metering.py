@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -179,6 +180,42 @@ async def test_failed_upstreams_charge_nothing(tmp_path, db_url: str, upstream: 
         # a 4xx is an answer: it is charged
         st, _, h = await tw.call(live, "status/404", b)
         assert st == 404 and h["X-ACF-Amount"] == "0.25"
+    finally:
+        await tw.close()
+    assert ledger_verify(db_url).returncode == 0
+
+
+async def test_a_body_the_upstream_breaks_off_is_not_charged(
+    tmp_path, db_url: str, upstream: Upstream
+):
+    """200 with Content-Length 1000 and 100 bytes sent, or a chunked stream without its
+    end: the upstream failed, so the hold is voided. A complete body is charged."""
+    tw = await start_inprocess(db_url, tmp=str(tmp_path))
+    try:
+        p = await tw.key("prov", "provider")
+        sid = await tw.service(p, upstream.url, price="0.25")
+        b = await tw.key("buyer")
+        await tw.credit("buyer", "1.00")
+        for path in ("broken", "broken?chunked=1"):
+            with contextlib.suppress(aiohttp.ClientPayloadError):
+                await tw.call(sid, path, b)
+        st, _, _ = await tw.call(sid, "ok", b)
+        assert st == 200
+        store = tw.rt.store
+        usage = await store.fetch(
+            "SELECT amount, upstream_status FROM usage_records ORDER BY created_at"
+        )
+        assert [(u["amount"], u["upstream_status"]) for u in usage] == [
+            (0, 502),
+            (0, 502),
+            (250_000, 200),
+        ]
+        balance = await store.fetchval(
+            "SELECT balance FROM accounts WHERE id = $1", j.wallet("buyer", "USDC").id
+        )
+        assert balance == 750_000
+        holds = await store.fetch("SELECT status FROM holds ORDER BY created_at")
+        assert [h["status"] for h in holds] == ["voided", "voided", "posted"]
     finally:
         await tw.close()
     assert ledger_verify(db_url).returncode == 0

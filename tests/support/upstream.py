@@ -147,7 +147,22 @@ async def start_upstream() -> Upstream:
         await record(request, 0)
         return web.json_response({"ok": True})
 
+    async def broken(request: web.Request) -> web.StreamResponse:
+        """200 promising 1,000 bytes (or a chunked stream), 100 sent, then the connection drops."""
+        await record(request, 0)
+        chunked = request.query.get("chunked") == "1"
+        resp = web.StreamResponse(headers={} if chunked else {"Content-Length": "1000"})
+        if chunked:
+            resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        await resp.write(b"x" * 100)
+        await asyncio.sleep(0.05)
+        assert request.transport is not None
+        request.transport.abort()
+        return resp
+
     app = web.Application()
+    app.router.add_get("/broken", broken)
     app.router.add_route("*", "/echo{tail:.*}", echo)
     app.router.add_get("/sse", sse)
     app.router.add_get("/big", big)
