@@ -1,4 +1,6 @@
-"""Stripe money for wallets: top-ups, webhooks, auto top-up, and Connect payouts.
+"""Stripe money for wallets: top-ups, webhooks and auto top-up.
+
+Connect onboarding and payouts live in ``billing.connect_payouts``.
 
 - A top-up is a Checkout Session; the wallet is credited only by a verified
   webhook (or a succeeded off-session PaymentIntent), keyed by the PaymentIntent
@@ -12,13 +14,9 @@
   process wins) and makes the off-session charge with an idempotency key per
   episode. A decline starts a cooldown; an unknown outcome is retried later with
   the same key, which Stripe answers with the first result.
-- A Connect payout debits the wallet first (guarded: never below zero), then
-  asks Stripe for the transfer; a refused transfer is reversed by a new journal
-  entry; an unknown outcome is looked up by transfer group before deciding.
-  From a provider's earnings it pays settlements (see ``billing.settlements``):
-  its amount is their net, they are claimed (``paying``) in the debit's
-  transaction, completed with the Stripe transfer id when the transfer is
-  made, and unpaid again in the transaction that reverses the debit.
+- Card money settles before it can leave, and ``charge.refunded`` and
+  ``charge.dispute.created`` take it back (a debt for what was spent), once per
+  event and never more than the payment: see ``billing.card_funds``.
 """
 
 from __future__ import annotations
@@ -30,29 +28,20 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from billing import settlements as stl
-from billing.errors import BillingError, PayoutFailed, UpstreamRailError
+from billing import card_funds
+from billing.errors import BillingError, UpstreamRailError
 from billing.rails.stripe_rail import (
     ChargeDeclined,
     CheckoutSession,
     CreditEvent,
+    ReversalEvent,
     SetupCompletedEvent,
     StripeRail,
-)
-from billing.wallets import (
-    DEBITED,
-    PAID,
-    REVERSED,
-    UNKNOWN,
-    InsufficientBalance,
-    InsufficientEarnings,
-    get_withdrawal,
-    settlement_plan,
 )
 from ledger import journal as j
 from ledger import ops
 from ledger.db import Row, Store, Tx
-from ledger.journal import Account, Transfer, new_id, now_ms
+from ledger.journal import Transfer, new_id, now_ms
 from ledger.writer import GroupCommitWriter
 
 log = logging.getLogger("tollway.topups")
@@ -72,8 +61,8 @@ class TopupConfig:
     currency: str
     units_per_cent: int
     cooldown_seconds: int
-    connect_refresh_url: str
-    connect_return_url: str
+    # How long card money must wait before it can leave a wallet (billing.card_funds).
+    card_settle_seconds: int = 7 * 86_400
     # How often the worker looks for triggered rows (it is also woken in-process).
     poll_seconds: float = 0.5
     # How often the in-memory set of owners with auto top-up is reloaded, so a
@@ -83,13 +72,6 @@ class TopupConfig:
     stale_claim_seconds: float = 300.0
     # After an unknown charge outcome, retry (same idempotency key) after this long.
     unknown_retry_seconds: float = 30.0
-    # A Connect transfer with an unknown outcome that Stripe does not list after
-    # this long never happened (any request in flight has long finished): reverse it.
-    connect_unknown_grace_seconds: float = 600.0
-    # How often unknown Connect transfers are looked up at Stripe (one list call each).
-    connect_reconcile_seconds: float = 30.0
-    # The asset's decimals (settlement.completed events render amounts).
-    decimals: int = 6
 
 
 def cents_of(units: int, units_per_cent: int) -> int:
@@ -116,8 +98,6 @@ class Topups:
         self.auto_owners: frozenset[str] = frozenset()
         self._wake = asyncio.Event()
         self._last_refresh = 0.0
-        self._last_connect_pass = 0.0
-        self._inflight: set[asyncio.Task[Any]] = set()
 
     # ------------------------------------------------------------------ customers
 
@@ -142,7 +122,9 @@ class Topups:
                 " VALUES ($1, $2, $3, $3) ON CONFLICT (owner_id) DO UPDATE SET"
                 " customer_id = COALESCE(stripe_customers.customer_id, excluded.customer_id),"
                 " updated_at = excluded.updated_at",
-                owner_id, customer_id, now,
+                owner_id,
+                customer_id,
+                now,
             )
             return str(
                 await tx.fetchval(
@@ -182,7 +164,9 @@ class Topups:
             fresh = await tx.execute(
                 "INSERT INTO stripe_events (event_id, type, outcome, received_at)"
                 " VALUES ($1, $2, 'received', $3) ON CONFLICT (event_id) DO NOTHING",
-                event.event_id, etype, now,
+                event.event_id,
+                etype,
+                now,
             )
             if not fresh:
                 return "duplicate"
@@ -192,18 +176,36 @@ class Topups:
                     outcome = "ignored_currency"
                 else:
                     credited = await credit_payment_intent(
-                        tx, event.owner_id, event.payment_intent_id,
-                        event.amount_cents * cfg.units_per_cent, cfg.asset,
-                        {"event_id": event.event_id, "event_type": event.event_type}, now,
+                        tx,
+                        event.owner_id,
+                        event.payment_intent_id,
+                        event.amount_cents * cfg.units_per_cent,
+                        cfg.asset,
+                        {"event_id": event.event_id, "event_type": event.event_type},
+                        now,
+                        settle_seconds=cfg.card_settle_seconds,
                     )
                     outcome = "credited" if credited else "already_credited"
+            elif isinstance(event, ReversalEvent):
+                if event.currency != cfg.currency:
+                    outcome = "ignored_currency"
+                else:
+                    outcome = await card_funds.reverse_card_payment(
+                        tx,
+                        event.payment_intent_id,
+                        event.kind,
+                        event.amount_cents * cfg.units_per_cent,
+                        now,
+                    )
             elif isinstance(event, SetupCompletedEvent):
                 await tx.execute(
                     "INSERT INTO stripe_customers (owner_id, customer_id, card_saved, created_at,"
                     " updated_at) VALUES ($1, $2, 1, $3, $3) ON CONFLICT (owner_id) DO UPDATE SET"
                     " customer_id = excluded.customer_id, card_saved = 1,"
                     " updated_at = excluded.updated_at",
-                    event.owner_id, event.customer_id, now,
+                    event.owner_id,
+                    event.customer_id,
+                    now,
                 )
                 outcome = "card_saved"
             else:
@@ -223,13 +225,16 @@ class Topups:
     ) -> dict[str, Any]:
         cents_of(amount, self.config.units_per_cent)
         if amount <= 0:
-            raise BillingError("amount must be greater than zero", code="invalid_amount", status=422)
+            raise BillingError(
+                "amount must be greater than zero", code="invalid_amount", status=422
+            )
         if enabled:
             row = await self._customer_row(owner_id)
             if row is None or not row["customer_id"] or not row["card_saved"]:
                 raise BillingError(
                     "save a card first (POST /api/v1/wallet/setup-payment-method)",
-                    code="no_payment_method", status=409,
+                    code="no_payment_method",
+                    status=409,
                 )
         now = now_ms()
         asset = self.config.asset
@@ -243,7 +248,12 @@ class Topups:
                 " asset = excluded.asset, threshold = excluded.threshold,"
                 " amount = excluded.amount, enabled = excluded.enabled,"
                 " updated_at = excluded.updated_at",
-                owner_id, asset, threshold, amount, 1 if enabled else 0, now,
+                owner_id,
+                asset,
+                threshold,
+                amount,
+                1 if enabled else 0,
+                now,
             )
 
         await self.writer.submit(op)
@@ -301,7 +311,10 @@ class Topups:
             " WHERE owner_id = $1 AND asset = $2 AND enabled = 1 AND state = 'idle'"
             " AND cooldown_until <= $3"
             " AND threshold > COALESCE((SELECT balance FROM accounts WHERE id = $4), 0)",
-            owner, asset, now, j.wallet(owner, asset).id,
+            owner,
+            asset,
+            now,
+            j.wallet(owner, asset).id,
         )
         if n:
             # Set before commit: the worker may look too early and find nothing, in
@@ -311,7 +324,7 @@ class Topups:
     # ------------------------------------------------------------------ the worker
 
     async def run(self) -> None:
-        """The background worker: auto top-up charges and Connect reconciliation."""
+        """The background worker: auto top-up charges."""
         while True:
             try:
                 if time.monotonic() - self._last_refresh >= self.config.refresh_seconds:
@@ -335,15 +348,13 @@ class Topups:
             "SELECT owner_id FROM auto_topups WHERE enabled = 1 AND"
             " ((state = 'triggered' AND retry_at <= $1) OR (state = 'charging' AND claimed_at < $2))"
             " LIMIT 100",
-            now, stale,
+            now,
+            stale,
         )
         done = 0
         for r in rows:
             if await self.charge_owner(str(r["owner_id"])):
                 done += 1
-        if time.monotonic() - self._last_connect_pass >= self.config.connect_reconcile_seconds:
-            self._last_connect_pass = time.monotonic()
-            await self.reconcile_connect()
         return done
 
     async def charge_owner(self, owner_id: str) -> bool:
@@ -357,7 +368,9 @@ class Topups:
                 " WHERE owner_id = $1 AND enabled = 1 AND"
                 " ((state = 'triggered' AND retry_at <= $2) OR (state = 'charging' AND claimed_at < $3))"
                 " RETURNING episode, amount, asset",
-                owner_id, now, stale,
+                owner_id,
+                now,
+                stale,
             )
 
         claimed = await self.writer.submit(claim)
@@ -370,8 +383,12 @@ class Topups:
             if customer is None or not customer["customer_id"]:
                 raise ChargeDeclined("no Stripe customer for this owner", stripe_code="no_customer")
             charge = await self.rail.charge_off_session(
-                str(customer["customer_id"]), None, cents_of(units, cfg.units_per_cent),
-                cfg.currency, f"tollway-autotopup:{owner_id}:{episode}", owner_id=owner_id,
+                str(customer["customer_id"]),
+                None,
+                cents_of(units, cfg.units_per_cent),
+                cfg.currency,
+                f"tollway-autotopup:{owner_id}:{episode}",
+                owner_id=owner_id,
             )
         except UpstreamRailError as exc:
             # Outcome unknown: retry this same episode (same key) later.
@@ -382,7 +399,10 @@ class Topups:
             # Declined (or refused outright): cool down, then a later charge may retry.
             until = now_ms() + cfg.cooldown_seconds * 1000
             await self._set_state(
-                owner_id, IDLE, cooldown_until=until, last_error=f"{exc.code}: {exc.message}",
+                owner_id,
+                IDLE,
+                cooldown_until=until,
+                last_error=f"{exc.code}: {exc.message}",
                 payment_intent_id=getattr(exc, "payment_intent_id", None),
             )
             return True
@@ -391,13 +411,21 @@ class Topups:
 
             async def credit(tx: Tx) -> None:
                 await credit_payment_intent(
-                    tx, owner_id, charge.payment_intent_id, units, asset,
-                    {"source": "auto_topup", "episode": episode}, done_at,
+                    tx,
+                    owner_id,
+                    charge.payment_intent_id,
+                    units,
+                    asset,
+                    {"source": "auto_topup", "episode": episode},
+                    done_at,
+                    settle_seconds=cfg.card_settle_seconds,
                 )
                 await tx.execute(
                     "UPDATE auto_topups SET state = 'idle', payment_intent_id = $2,"
                     " last_error = NULL, updated_at = $3 WHERE owner_id = $1",
-                    owner_id, charge.payment_intent_id, done_at,
+                    owner_id,
+                    charge.payment_intent_id,
+                    done_at,
                 )
 
             await self.writer.submit(credit)
@@ -409,7 +437,10 @@ class Topups:
             # requires_action etc.: an off-session charge cannot finish without the customer.
             until = now_ms() + cfg.cooldown_seconds * 1000
             await self._set_state(
-                owner_id, IDLE, cooldown_until=until, payment_intent_id=charge.payment_intent_id,
+                owner_id,
+                IDLE,
+                cooldown_until=until,
+                payment_intent_id=charge.payment_intent_id,
                 last_error=f"payment intent {charge.status}",
             )
         return True
@@ -423,228 +454,65 @@ class Topups:
         sql = f"UPDATE auto_topups SET {', '.join(sets)} WHERE owner_id = $1"
         await self.writer.submit(lambda tx: tx.execute(sql, *args))
 
-    # ------------------------------------------------------------------ Connect
-
-    async def connect_onboarding(self, owner_id: str) -> dict[str, str]:
-        row = await self._customer_row(owner_id)
-        account_id = str(row["connect_account_id"]) if row is not None and row["connect_account_id"] else None
-        if account_id is None:
-            created = await self.rail.create_connect_account(
-                owner_id, idempotency_key=f"tollway-connect:{owner_id}"
-            )
-            now = now_ms()
-
-            async def op(tx: Tx) -> str:
-                await tx.execute(
-                    "INSERT INTO stripe_customers (owner_id, connect_account_id, created_at,"
-                    " updated_at) VALUES ($1, $2, $3, $3) ON CONFLICT (owner_id) DO UPDATE SET"
-                    " connect_account_id = COALESCE(stripe_customers.connect_account_id,"
-                    " excluded.connect_account_id), updated_at = excluded.updated_at",
-                    owner_id, created, now,
-                )
-                return str(
-                    await tx.fetchval(
-                        "SELECT connect_account_id FROM stripe_customers WHERE owner_id = $1",
-                        owner_id,
-                    )
-                )
-
-            account_id = await self.writer.submit(op)
-        url = await self.rail.onboarding_link(
-            account_id, self.config.connect_refresh_url, self.config.connect_return_url
-        )
-        return {"account_id": account_id, "url": url}
-
-    async def connect_account(self, owner_id: str) -> str | None:
-        row = await self._customer_row(owner_id)
-        return str(row["connect_account_id"]) if row is not None and row["connect_account_id"] else None
-
-    async def connect_status(self, owner_id: str) -> dict[str, Any]:
-        account_id = await self.connect_account(owner_id)
-        if account_id is None:
-            return {"connected": False, "account_id": None, "charges_enabled": False,
-                    "payouts_enabled": False, "details_submitted": False}
-        st = await self.rail.connect_status(account_id)
-        return {"connected": True, "account_id": st.account_id,
-                "charges_enabled": st.charges_enabled, "payouts_enabled": st.payouts_enabled,
-                "details_submitted": st.details_submitted}
-
-    async def withdraw_to_connect(
-        self, owner_id: str, source: Account, units: int | None,
-        *, plan: stl.PayoutPlan | None = None,
-    ) -> Row:
-        """Debit first, transfer, and reverse the debit if Stripe refuses the transfer.
-
-        From earnings, ``plan`` names the settlements paid and ``units`` is their
-        net (planned here from ``units`` when not given).
-        """
-        cfg = self.config
-        account_id = await self.connect_account(owner_id)
-        if account_id is None:
-            raise BillingError("no Connect account: POST /api/v1/stripe/connect first",
-                               code="connect_not_onboarded", status=409)
-        plan, units = await settlement_plan(self.store, owner_id, source, source.asset, units, plan)
-        cents = cents_of(units, cfg.units_per_cent)
-        wid, now = new_id("wd"), now_ms()
-
-        async def debit(tx: Tx) -> bool:
-            if plan is not None:
-                await stl.claim_payout(tx, owner_id, source.asset, wid, plan, now)
-            ok = await tx.transfer(
-                Transfer(new_id("tr"), source, j.world(source.asset), units, "connect_payout",
-                         f"connect_payout:{wid}"),
-                guard=True, now=now,
-            )
-            if not ok and plan is not None:
-                # Raised so the claim rolls back with the refused debit.
-                raise InsufficientEarnings("the provider's earnings do not cover these settlements")
-            if ok:
-                await tx.execute(
-                    "INSERT INTO withdrawals (id, owner_id, method, asset, amount, source_account,"
-                    " destination, status, created_at, updated_at)"
-                    " VALUES ($1, $2, 'stripe_connect', $3, $4, $5, $6, $7, $8, $8)",
-                    wid, owner_id, source.asset, units, source.id, account_id, DEBITED, now,
-                )
-            return ok
-
-        if not await self.writer.submit(debit):
-            raise InsufficientBalance("the balance does not cover this withdrawal")
-        task = asyncio.get_running_loop().create_task(self._transfer(wid, account_id, cents))
-        self._inflight.add(task)
-        task.add_done_callback(self._inflight.discard)
-        return await asyncio.shield(task)
-
-    async def _transfer(self, wid: str, account_id: str, cents: int) -> Row:
-        try:
-            transfer_id = await self.rail.transfer_to_connect(
-                account_id, cents, self.config.currency, f"tollway-withdrawal:{wid}",
-                transfer_group=wid, metadata={"withdrawal_id": wid},
-            )
-        except PayoutFailed as exc:
-            await self._reverse(wid, exc.message)
-        except UpstreamRailError as exc:
-            await self._connect_unknown(wid, exc.message)
-        except BillingError as exc:
-            # Refused before anything moved (our credentials, a bad request).
-            await self._reverse(wid, f"{exc.code}: {exc.message}")
-        else:
-            await self._connect_paid(wid, transfer_id)
-        w = await get_withdrawal(self.store, wid)
-        assert w is not None
-        return w
-
-    async def _connect_paid(self, wid: str, transfer_id: str) -> None:
-        now = now_ms()
-        decimals = self.config.decimals
-
-        async def op(tx: Tx) -> None:
-            n = await tx.execute(
-                "UPDATE withdrawals SET status = $2, transfer_id = $3, error = NULL, updated_at = $4"
-                " WHERE id = $1 AND status IN ('debited', 'unknown')",
-                wid, PAID, transfer_id, now,
-            )
-            if n:
-                # The settlements it pays are paid, by this transfer.
-                await stl.complete_payout(tx, wid, transfer_id, now, decimals)
-
-        await self.writer.submit(op)
-
-    async def _reverse(self, wid: str, error: str) -> None:
-        now = now_ms()
-
-        async def op(tx: Tx) -> None:
-            # The status flip is the guard: a debit is reversed at most once.
-            n = await tx.execute(
-                "UPDATE withdrawals SET status = $2, error = $3, updated_at = $4"
-                " WHERE id = $1 AND status IN ('debited', 'unknown')",
-                wid, REVERSED, error[:500], now,
-            )
-            if not n:
-                return
-            w = await tx.fetchrow(
-                "SELECT asset, amount, source_account FROM withdrawals WHERE id = $1", wid
-            )
-            assert w is not None
-            kind, owner, _ = str(w["source_account"]).split(":", 2)
-            await tx.transfer(
-                Transfer(new_id("tr"), j.world(w["asset"]),
-                         Account(w["source_account"], kind, owner, w["asset"]), int(w["amount"]),
-                         "connect_payout_reversal", f"connect_reversal:{wid}"),
-                now=now,
-            )
-            # The settlements it was to pay are unpaid again, with their money back.
-            await stl.release_payout(tx, wid)
-
-        await self.writer.submit(op)
-
-    async def _connect_unknown(self, wid: str, error: str) -> None:
-        # Stripe may have made the transfer: look before deciding anything.
-        try:
-            found = await self.rail.find_transfers(wid)
-        except BillingError:
-            found = []
-        if found:
-            await self._connect_paid(wid, found[0])
-            return
-        now = now_ms()
-        await self.writer.submit(
-            lambda tx: tx.execute(
-                "UPDATE withdrawals SET status = $2, error = $3, updated_at = $4"
-                " WHERE id = $1 AND status = 'debited'",
-                wid, UNKNOWN, error[:500], now,
-            )
-        )
-
-    async def reconcile_connect(self) -> None:
-        """Settle Connect payouts whose outcome was unknown (see ``_connect_unknown``)."""
-        rows = await self.store.fetch(
-            "SELECT id, updated_at FROM withdrawals WHERE method = 'stripe_connect'"
-            " AND status = 'unknown' LIMIT 50"
-        )
-        grace_ms = int(self.config.connect_unknown_grace_seconds * 1000)
-        for r in rows:
-            try:
-                found = await self.rail.find_transfers(str(r["id"]))
-            except BillingError:
-                return  # Stripe still unreachable; next pass
-            if found:
-                await self._connect_paid(str(r["id"]), found[0])
-            elif now_ms() - int(r["updated_at"]) >= grace_ms:
-                await self._reverse(str(r["id"]), "transfer never appeared at Stripe")
-
     async def close(self) -> None:
-        if self._inflight:
-            await asyncio.wait(set(self._inflight), timeout=30)
         await self.rail.aclose()
 
 
 async def credit_payment_intent(
-    tx: Tx, owner_id: str, payment_intent_id: str, units: int, asset: str,
-    detail: dict[str, Any], now: int,
+    tx: Tx,
+    owner_id: str,
+    payment_intent_id: str,
+    units: int,
+    asset: str,
+    detail: dict[str, Any],
+    now: int,
+    *,
+    settle_seconds: int,
 ) -> bool:
     """Credit one Stripe payment, once ever: keyed by its PaymentIntent id.
 
     Returns False when the PaymentIntent was already credited (by the other
     webhook of the same payment, a redelivery, or the auto top-up worker).
+    In the same transaction the payment is recorded as card money settling for
+    ``settle_seconds`` and the owner's debt, if any, is paid from it first.
     """
     payment_id = new_id("pay")
     inserted = await tx.execute(
         "INSERT INTO payments (id, rail, external_ref, owner_id, asset, amount, status, detail,"
         " created_at) VALUES ($1, $2, $3, $4, $5, $6, 'credited', $7, $8)"
         " ON CONFLICT (rail, external_ref) DO NOTHING",
-        payment_id, STRIPE_RAIL, payment_intent_id, owner_id, asset, units, json.dumps(detail), now,
+        payment_id,
+        STRIPE_RAIL,
+        payment_intent_id,
+        owner_id,
+        asset,
+        units,
+        json.dumps(detail),
+        now,
     )
     if not inserted:
         return False
     await tx.transfer(
-        Transfer(new_id("tr"), j.world(asset), j.wallet(owner_id, asset), units, "stripe_topup",
-                 f"stripe:{payment_intent_id}", payment_id=payment_id),
+        Transfer(
+            new_id("tr"),
+            j.world(asset),
+            j.wallet(owner_id, asset),
+            units,
+            "stripe_topup",
+            f"stripe:{payment_intent_id}",
+            payment_id=payment_id,
+        ),
         now=now,
+    )
+    await card_funds.card_credited(
+        tx, payment_intent_id, payment_id, owner_id, asset, units, settle_seconds * 1000, now
     )
     # An auto top-up that was waiting for this payment is over.
     await tx.execute(
         "UPDATE auto_topups SET state = 'idle', updated_at = $3"
         " WHERE owner_id = $1 AND payment_intent_id = $2 AND state = 'processing'",
-        owner_id, payment_intent_id, now,
+        owner_id,
+        payment_intent_id,
+        now,
     )
     return True

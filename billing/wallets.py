@@ -29,6 +29,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from billing import card_funds
 from billing import settlements as stl
 from billing.errors import BillingError, PaymentRejected, PayoutFailed, UpstreamRailError
 from ledger import journal as j
@@ -422,6 +423,7 @@ class EvmWallets:
                 ),
                 now=now,
             )
+            await card_funds.settle_debt(tx, owner_id, cfg.asset, now, ref=payment_id)
             return True
 
         if not await self.writer.submit(op):
@@ -470,6 +472,9 @@ class EvmWallets:
                 # Claimed before the debit (the lock order of PATCH pay: settlement, then
                 # account); any refusal below raises, so claim and debit roll back together.
                 await stl.claim_payout(tx, owner_id, asset, wid, plan, now)
+            await card_funds.guard_withdrawal(
+                tx, source, j.holding(asset), amount, now, self.config.decimals
+            )
             ok = await tx.transfer(
                 Transfer(
                     new_id("tr"),

@@ -121,6 +121,9 @@ class Settings:
     # Ledger units credited per Stripe cent (USDC has 6 decimals: 1 cent = 10,000 units).
     stripe_units_per_cent: int = 10_000
     auto_topup_cooldown_seconds: int = 3600
+    # Card money pays for calls at once but leaves a wallet (on chain or through
+    # Connect) only this long after its credit: a stolen card can charge back.
+    card_settle_seconds: int = 7 * 86_400
     evm_hot_wallet_private_key: str | None = None
     invoice_partner: str = "tollway"
     # Calls one invoice pays for; above 1 the rest is credited as a prepaid batch.
@@ -239,6 +242,7 @@ def validate(s: Settings) -> Settings:
         )
     _check("invoice_batch_target", s.invoice_batch_target >= 1, "must be >= 1")
     _check("stripe_units_per_cent", s.stripe_units_per_cent > 0, "must be positive")
+    _check("card_settle_seconds", s.card_settle_seconds >= 0, "must be >= 0")
     _check("webhook_max_per_owner", s.webhook_max_per_owner >= 1, "must be >= 1")
     _check("webhook_max_attempts", s.webhook_max_attempts >= 1, "must be >= 1")
     _check("webhook_backoff_base_seconds", s.webhook_backoff_base_seconds > 0, "must be positive")

@@ -30,6 +30,12 @@ def earnings(provider: str, asset: str) -> Account:
     return Account(f"earnings:{provider}:{asset}", "earnings", provider, asset)
 
 
+def debt(owner: str, asset: str) -> Account:
+    """What an owner owes: card money taken back (refund, chargeback) after it was
+    spent. Negative while owed; it goes back to zero as later credits pay it."""
+    return Account(f"debt:{owner}:{asset}", "debt", owner, asset)
+
+
 def fees(asset: str) -> Account:
     return Account(f"fees:{asset}", "fees", None, asset)
 

@@ -150,6 +150,24 @@ class CreditEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class ReversalEvent:
+    """Card money taken back by Stripe: a refund or a dispute (chargeback) of the charge
+    of ``payment_intent_id``.
+
+    For a refund, ``amount_cents`` is the charge's ``amount_refunded``: the running
+    total of its refunds, not this refund alone. For a dispute it is the disputed
+    amount. ``kind`` is ``"refund"`` or ``"dispute"``.
+    """
+
+    event_id: str
+    payment_intent_id: str
+    kind: str
+    amount_cents: int
+    currency: str
+    event_type: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class SetupCompletedEvent:
     """A setup-mode Checkout finished: the customer now has a saved card for auto top-up."""
 
@@ -168,7 +186,7 @@ class IgnoredEvent:
     reason: str = ""
 
 
-StripeEvent = CreditEvent | SetupCompletedEvent | IgnoredEvent
+StripeEvent = CreditEvent | ReversalEvent | SetupCompletedEvent | IgnoredEvent
 
 
 def _check_amount(amount_cents: int) -> None:
@@ -644,6 +662,19 @@ def normalize_event(event: dict[str, Any]) -> StripeEvent:
             return IgnoredEvent(event_id, etype, "payment intent missing id or amount")
         return CreditEvent(event_id, pi_id, owner_id, amount, currency.lower(), etype)
 
+    if etype in ("charge.refunded", "charge.dispute.created"):
+        refund = etype == "charge.refunded"
+        if not refund and str(obj.get("status") or "").startswith("warning_"):
+            # An inquiry: no funds are withdrawn unless it becomes a dispute (a new event).
+            return IgnoredEvent(event_id, etype, "inquiry, no funds withdrawn")
+        pi_id = _pi_id(obj.get("payment_intent"))
+        amount = _int_amount(obj.get("amount_refunded" if refund else "amount"))
+        currency = obj.get("currency")
+        if not pi_id or not amount or amount < 0 or not isinstance(currency, str):
+            return IgnoredEvent(event_id, etype, "no payment intent or amount to take back")
+        kind = "refund" if refund else "dispute"
+        return ReversalEvent(event_id, pi_id, kind, amount, currency.lower(), etype)
+
     return IgnoredEvent(event_id, etype)
 
 
@@ -655,6 +686,7 @@ __all__ = [
     "CreditEvent",
     "IgnoredEvent",
     "OffSessionCharge",
+    "ReversalEvent",
     "SetupCompletedEvent",
     "SetupSession",
     "StripeEvent",

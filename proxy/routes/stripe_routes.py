@@ -1,9 +1,10 @@
 """Stripe routes: top-up, saved card, auto top-up, the webhook, and Connect onboarding.
 
-The rail and the ``Topups`` service are built at start-up only when Stripe is
-configured (api key and webhook secret); otherwise every route here answers
-503 with a clear JSON error. The auto top-up worker runs as a background task
-of this process and the finish hook is added to the meter here.
+The rail, the ``Topups`` service and the ``ConnectPayouts`` service are built
+at start-up only when Stripe is configured (api key and webhook secret);
+otherwise every route here answers 503 with a clear JSON error. The auto
+top-up worker and the Connect reconciler run as background tasks of this
+process and the finish hook is added to the meter here.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
+from billing.connect_payouts import ConnectConfig, ConnectPayouts
 from billing.money import AmountError, format_amount, parse_amount
 from billing.rails.stripe_rail import StripeRail, StripeRailConfig
 from billing.topups import TopupConfig, Topups
@@ -26,14 +28,26 @@ from proxy.validation import fail, opt_bool
 log = logging.getLogger("tollway.stripe")
 
 
+def _not_configured() -> ApiError:
+    return ApiError(
+        503,
+        "stripe_not_configured",
+        "Stripe is not configured on this server (stripe_api_key, stripe_webhook_secret)",
+    )
+
+
 def topups_of(rt: Runtime) -> Topups:
     t: Topups | None = getattr(rt, "topups", None)
     if t is None:
-        raise ApiError(
-            503, "stripe_not_configured",
-            "Stripe is not configured on this server (stripe_api_key, stripe_webhook_secret)",
-        )
+        raise _not_configured()
     return t
+
+
+def connect_payouts_of(rt: Runtime) -> ConnectPayouts:
+    c: ConnectPayouts | None = getattr(rt, "connect_payouts", None)
+    if c is None:
+        raise _not_configured()
+    return c
 
 
 async def _caller(request: web.Request, *roles: str) -> tuple[Runtime, Topups, KeyRecord]:
@@ -65,8 +79,12 @@ async def topup(request: web.Request) -> web.Response:
     units = _units(rt, data, "amount")
     session = await topups.create_topup(key.owner_id, units)
     return json_response(
-        {"session_id": session.session_id, "url": session.url, "amount": _fmt(rt, units),
-         "currency": rt.settings.stripe_currency},
+        {
+            "session_id": session.session_id,
+            "url": session.url,
+            "amount": _fmt(rt, units),
+            "currency": rt.settings.stripe_currency,
+        },
         status=201,
     )
 
@@ -118,13 +136,13 @@ async def webhook(request: web.Request) -> web.Response:
 
 
 async def connect(request: web.Request) -> web.Response:
-    _, topups, key = await _caller(request, "provider")
-    return json_response(await topups.connect_onboarding(key.owner_id), status=201)
+    rt, _, key = await _caller(request, "provider")
+    return json_response(await connect_payouts_of(rt).onboarding(key.owner_id), status=201)
 
 
 async def connect_status(request: web.Request) -> web.Response:
-    _, topups, key = await _caller(request, "provider")
-    return json_response(await topups.connect_status(key.owner_id))
+    rt, _, key = await _caller(request, "provider")
+    return json_response(await connect_payouts_of(rt).status(key.owner_id))
 
 
 # --------------------------------------------------------------------------- lifecycle
@@ -133,6 +151,7 @@ async def connect_status(request: web.Request) -> web.Response:
 async def on_startup(app: web.Application, rt: Runtime) -> None:
     s = rt.settings
     rt.topups = None  # type: ignore[attr-defined]
+    rt.connect_payouts = None  # type: ignore[attr-defined]
     if not (s.stripe_api_key and s.stripe_webhook_secret):
         return
     values: dict[str, Any] = {
@@ -145,21 +164,39 @@ async def on_startup(app: web.Application, rt: Runtime) -> None:
         values["api_base"] = s.stripe_api_base
     rail = StripeRail(StripeRailConfig(**values))
     topups = Topups(
-        rt.store, rt.writer, rail,
+        rt.store,
+        rt.writer,
+        rail,
         TopupConfig(
-            asset=s.default_asset, currency=s.stripe_currency.lower(),
+            asset=s.default_asset,
+            currency=s.stripe_currency.lower(),
             units_per_cent=s.stripe_units_per_cent,
             cooldown_seconds=s.auto_topup_cooldown_seconds,
-            connect_refresh_url=s.stripe_connect_refresh_url,
-            connect_return_url=s.stripe_connect_return_url,
+            card_settle_seconds=s.card_settle_seconds,
+        ),
+    )
+    connect = ConnectPayouts(
+        rt.store,
+        rt.writer,
+        rail,
+        ConnectConfig(
+            currency=s.stripe_currency.lower(),
+            units_per_cent=s.stripe_units_per_cent,
+            refresh_url=s.stripe_connect_refresh_url,
+            return_url=s.stripe_connect_return_url,
             decimals=s.asset_decimals,
         ),
     )
     await topups.refresh_auto_owners()
     rt.topups = topups  # type: ignore[attr-defined]
+    rt.connect_payouts = connect  # type: ignore[attr-defined]
     rt.meter.finish_hooks.append(topups.finish_hook)
-    rt.topups_worker = asyncio.get_running_loop().create_task(  # type: ignore[attr-defined]
+    loop = asyncio.get_running_loop()
+    rt.topups_worker = loop.create_task(  # type: ignore[attr-defined]
         topups.run(), name="auto-topup-worker"
+    )
+    rt.connect_worker = loop.create_task(  # type: ignore[attr-defined]
+        connect.run(), name="connect-reconciler"
     )
 
 
@@ -167,12 +204,14 @@ async def on_cleanup(app: web.Application, rt: Runtime) -> None:
     topups: Topups | None = getattr(rt, "topups", None)
     if topups is None:
         return
-    worker: asyncio.Task[Any] = rt.topups_worker  # type: ignore[attr-defined]
-    worker.cancel()
-    try:
-        await worker
-    except asyncio.CancelledError:
-        pass
+    for worker in (rt.topups_worker, rt.connect_worker):  # type: ignore[attr-defined]
+        worker.cancel()
+        try:
+            await worker
+        except asyncio.CancelledError:
+            pass
+    # Transfers in flight record their outcome before the shared rail closes.
+    await rt.connect_payouts.close()  # type: ignore[attr-defined]
     await topups.close()
 
 

@@ -20,6 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from billing import settlements as stl
+from billing.card_funds import CardFundsSettling
 from billing.money import AmountError, format_amount, parse_amount
 from billing.wallets import (
     FAILED,
@@ -257,14 +258,14 @@ async def withdraw(request: web.Request) -> web.Response:
         raise fail("method", "method must be onchain or stripe_connect")
     plan: stl.PayoutPlan | None = None
     if method in CONNECT_METHODS:
-        from proxy.routes.stripe_routes import topups_of
+        from proxy.routes.stripe_routes import connect_payouts_of
 
-        topups = topups_of(rt)
+        connect = connect_payouts_of(rt)
         if source_name == "earnings":
             plan = await stl.plan_payout(
                 rt.store, key.owner_id, asset, settlement_ids=settlement_ids, amount=amount
             )
-        w = await topups.withdraw_to_connect(key.owner_id, source, amount, plan=plan)
+        pending = connect.withdraw(key.owner_id, source, amount, plan=plan)
     else:
         wallets = evm_wallets(rt)
         _check_chain(rt, data)
@@ -273,7 +274,19 @@ async def withdraw(request: web.Request) -> web.Response:
             plan = await stl.plan_payout(
                 rt.store, key.owner_id, asset, settlement_ids=settlement_ids, amount=amount
             )
-        w = await wallets.withdraw(key.owner_id, source, amount, to_address, plan=plan)
+        pending = wallets.withdraw(key.owner_id, source, amount, to_address, plan=plan)
+    try:
+        w = await pending
+    except CardFundsSettling as exc:
+        # What can leave now, machine-readable beside the message.
+        raise ApiError(
+            exc.status,
+            exc.code,
+            exc.message,
+            withdrawable=_fmt(rt, exc.withdrawable),
+            withdrawable_units=exc.withdrawable,
+            settles_at=exc.settles_at,
+        ) from None
     paid = list(plan.settlement_ids) if plan is not None else []
     view = render_withdrawal(rt, w, paid)
     if w["status"] == PAID:

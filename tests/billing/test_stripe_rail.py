@@ -21,6 +21,7 @@ from billing.rails.stripe_rail import (
     CreditEvent,
     IgnoredEvent,
     OffSessionCharge,
+    ReversalEvent,
     SetupCompletedEvent,
     StripeRail,
     WebhookRejected,
@@ -266,6 +267,44 @@ async def test_payment_intent_without_owner_is_ignored(
     }
     body, sig = stripe_server.signed(stripe_server.make_event("payment_intent.succeeded", pi))
     assert isinstance(stripe_rail.parse_webhook(body, sig), IgnoredEvent)
+
+
+async def test_refunds_and_disputes_parse_to_reversals_of_the_payment_intent(
+    stripe_rail: StripeRail, stripe_server: StripeServer
+) -> None:
+    _, pi_id = await _paid_topup(stripe_rail, stripe_server, 2500)
+
+    def parsed(event: dict) -> object:
+        return stripe_rail.parse_webhook(*stripe_server.signed(event))
+
+    stripe_server.refund(pi_id, 1000)
+    first = stripe_server.charge_refunded_event(pi_id)
+    stripe_server.refund(pi_id, 500)
+    second = stripe_server.charge_refunded_event(pi_id)
+    # amount_refunded is the charge's running total, not the refund alone.
+    assert parsed(first) == ReversalEvent(
+        first["id"], pi_id, "refund", 1000, "usd", "charge.refunded"
+    )
+    assert parsed(second) == ReversalEvent(
+        second["id"], pi_id, "refund", 1500, "usd", "charge.refunded"
+    )
+    dispute = stripe_server.open_dispute(pi_id)
+    event = stripe_server.dispute_created_event(dispute["id"])
+    assert parsed(event) == ReversalEvent(
+        event["id"], pi_id, "dispute", 2500, "usd", "charge.dispute.created"
+    )
+    # An inquiry withdraws no funds; a charge made outside PaymentIntents names none.
+    inquiry = stripe_server.open_dispute(pi_id, status="warning_needs_response")
+    assert isinstance(parsed(stripe_server.dispute_created_event(inquiry["id"])), IgnoredEvent)
+    legacy = {
+        "id": "ch_legacy",
+        "object": "charge",
+        "amount": 100,
+        "amount_refunded": 100,
+        "currency": "usd",
+        "payment_intent": None,
+    }
+    assert isinstance(parsed(stripe_server.make_event("charge.refunded", legacy)), IgnoredEvent)
 
 
 async def test_signed_body_that_is_not_an_event_is_refused(

@@ -337,9 +337,9 @@ async def test_connect_outage_is_looked_up_not_reversed_blindly(
 
     # Reconciliation: still no transfer at Stripe once any request in flight must
     # have finished (grace shortened here instead of waiting ten minutes): reverse.
-    topups = tw.rt.topups  # type: ignore[attr-defined]
-    topups.config = dataclasses.replace(topups.config, connect_unknown_grace_seconds=0)
-    await topups.reconcile_connect()
+    connect = tw.rt.connect_payouts  # type: ignore[attr-defined]
+    connect.config = dataclasses.replace(connect.config, unknown_grace_seconds=0)
+    await connect.reconcile()
     st, body, _ = await tw.api("GET", "/api/v1/wallet/withdrawals", prov)
     assert [w["status"] for w in body["withdrawals"]] == ["reversed"]
     assert await wallet_units(tw, "acme") == 5 * 10**6
@@ -465,9 +465,9 @@ async def test_connect_outage_keeps_the_settlement_paying_then_reversal_unpays_i
     assert await earnings_units(tw, "conn3") == 0
     await assert_ledger_clean(tw)
 
-    topups = tw.rt.topups  # type: ignore[attr-defined]
-    topups.config = dataclasses.replace(topups.config, connect_unknown_grace_seconds=0)
-    await topups.reconcile_connect()
+    connect = tw.rt.connect_payouts  # type: ignore[attr-defined]
+    connect.config = dataclasses.replace(connect.config, unknown_grace_seconds=0)
+    await connect.reconcile()
     st, s, _ = await tw.api("GET", f"/api/v1/settlements/{s1['id']}", prov)
     assert (s["status"], s["withdrawal_id"]) == ("pending", None)
     assert await earnings_units(tw, "conn3") == s1["net_units"]

@@ -10,8 +10,9 @@ really sent.
 It also plays Stripe's side of the flows that happen outside the API: a
 customer paying a Checkout page (``complete_checkout``), saving a card
 (``complete_setup``), finishing Connect onboarding (``complete_onboarding``),
-and the webhook events those produce, signed like Stripe signs them
-(``sign_webhook``).
+a refund made in the Dashboard (``refund``), a cardholder's chargeback
+(``open_dispute``), and the webhook events those produce, signed like Stripe
+signs them (``sign_webhook``).
 
 Endpoints: POST /v1/checkout/sessions, GET /v1/checkout/sessions/{id},
 POST /v1/customers, GET /v1/customers/{id}, GET /v1/payment_methods,
@@ -198,6 +199,9 @@ class StripeServer:
     payment_intents: dict[str, dict[str, Any]] = field(default_factory=dict)
     accounts: dict[str, dict[str, Any]] = field(default_factory=dict)
     transfers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The charge of each succeeded PaymentIntent (its ``latest_charge``), and disputes.
+    charges: dict[str, dict[str, Any]] = field(default_factory=dict)
+    disputes: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Platform balance available for transfers, per currency, in minor units.
     platform_balance: dict[str, int] = field(default_factory=lambda: {"usd": 10_000_000})
 
@@ -337,6 +341,63 @@ class StripeServer:
         acct.update(charges_enabled=True, payouts_enabled=True, details_submitted=True)
         acct["capabilities"] = {name: "active" for name in acct["capabilities"]}
 
+    def refund(self, payment_intent_id: str, amount: int | None = None) -> dict[str, Any]:
+        """Refund ``amount`` (default: all that is left) of the PaymentIntent's charge, as
+        the Dashboard or the Refunds API does. Returns the charge: ``amount_refunded`` is
+        the running total of its refunds."""
+        charge = self.charges[self.payment_intents[payment_intent_id]["latest_charge"]]
+        left = charge["amount"] - charge["amount_refunded"]
+        amount = left if amount is None else amount
+        if not 0 < amount <= left:
+            raise ValueError(f"cannot refund {amount} of a charge with {left} left")
+        refund = {
+            "id": _new_id("re"),
+            "object": "refund",
+            "amount": amount,
+            "charge": charge["id"],
+            "created": _now(),
+            "currency": charge["currency"],
+            "payment_intent": payment_intent_id,
+            "status": "succeeded",
+        }
+        charge["refunds"]["data"].insert(0, refund)
+        charge["refunds"]["total_count"] += 1
+        charge["amount_refunded"] += amount
+        charge["refunded"] = charge["amount_refunded"] == charge["amount"]
+        return charge
+
+    def charge_refunded_event(self, payment_intent_id: str) -> dict[str, Any]:
+        charge = self.charges[self.payment_intents[payment_intent_id]["latest_charge"]]
+        return self.make_event("charge.refunded", charge)
+
+    def open_dispute(
+        self, payment_intent_id: str, amount: int | None = None, status: str = "needs_response"
+    ) -> dict[str, Any]:
+        """The cardholder disputes the PaymentIntent's charge (default: all of it).
+        ``status="warning_needs_response"`` makes an inquiry, which withdraws no funds."""
+        charge = self.charges[self.payment_intents[payment_intent_id]["latest_charge"]]
+        dispute = {
+            "id": _new_id("dp"),
+            "object": "dispute",
+            "amount": charge["amount"] if amount is None else amount,
+            "balance_transactions": [],
+            "charge": charge["id"],
+            "created": _now(),
+            "currency": charge["currency"],
+            "is_charge_refundable": False,
+            "livemode": False,
+            "metadata": {},
+            "payment_intent": payment_intent_id,
+            "reason": "fraudulent",
+            "status": status,
+        }
+        self.disputes[dispute["id"]] = dispute
+        charge["disputed"] = True
+        return dispute
+
+    def dispute_created_event(self, dispute_id: str) -> dict[str, Any]:
+        return self.make_event("charge.dispute.created", self.disputes[dispute_id])
+
     def make_event(self, event_type: str, obj: dict[str, Any]) -> dict[str, Any]:
         """A Stripe event wrapping a snapshot of ``obj`` (a stored object)."""
         return {
@@ -344,7 +405,8 @@ class StripeServer:
             "object": "event",
             "api_version": EVENT_API_VERSION,
             "created": _now(),
-            "data": {"object": _public(obj)},
+            # A deep copy: later changes to the object (another refund) are not in this event.
+            "data": {"object": json.loads(json.dumps(_public(obj)))},
             "livemode": False,
             "pending_webhooks": 1,
             "request": {"id": None, "idempotency_key": None},
@@ -594,6 +656,33 @@ class StripeServer:
             "status": status,
         }
         self.payment_intents[pid] = pi
+        if succeeded:
+            self.charges[pi["latest_charge"]] = {
+                "id": pi["latest_charge"],
+                "object": "charge",
+                "amount": amount,
+                "amount_captured": amount,
+                "amount_refunded": 0,
+                "captured": True,
+                "created": _now(),
+                "currency": currency,
+                "customer": customer,
+                "disputed": False,
+                "livemode": False,
+                "metadata": {},
+                "paid": True,
+                "payment_intent": pid,
+                "payment_method": payment_method,
+                "refunded": False,
+                "refunds": {
+                    "object": "list",
+                    "data": [],
+                    "has_more": False,
+                    "total_count": 0,
+                    "url": f"/v1/charges/{pi['latest_charge']}/refunds",
+                },
+                "status": "succeeded",
+            }
         return pi
 
     async def _create_payment_intent(self, rec: RecordedRequest) -> dict[str, Any]:
