@@ -254,7 +254,9 @@ class ConnectPayouts:
                 "SELECT asset, amount, source_account FROM withdrawals WHERE id = $1", wid
             )
             assert w is not None
-            kind, owner, _ = str(w["source_account"]).split(":", 2)
+            # kind:owner:asset, where the owner may itself hold colons (tollway:0x…)
+            kind, _, rest = str(w["source_account"]).partition(":")
+            owner = rest.removesuffix(f":{w['asset']}")
             await tx.transfer(
                 Transfer(
                     new_id("tr"),

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import Any
 
-from billing.errors import BillingError, PaymentConflict, PaymentRejected
+from billing.errors import BillingError, PaymentConflict, PaymentRejected, PaymentRequired
 from billing.invoice_chains import verify_on_chain
 from billing.money import format_amount
 from billing.payer_proof import (
@@ -109,6 +109,7 @@ class PaidInvoice:
     reserved: ops.Reserved
     payment_id: str | None = None
     credited: int = 0
+    drawn: bool = False  # a later call of a batch (counted on the invoice)
 
 
 @dataclass
@@ -119,6 +120,7 @@ class InvoiceBook:
     ttl_ms: int
     hold_ttl_ms: int
     default_batch: int
+    batch_ttl_ms: int = 30 * 86_400_000
     evm: EvmTerms | None = None
     evm_client: Any = None
     cardano: CardanoTerms | None = None
@@ -277,7 +279,7 @@ class InvoiceBook:
         rail, tx_ref, received = await verify_on_chain(self, inv, payment.strip(), payer)
         priced = replace(svc, price_units=int(inv["price"]), asset=inv["asset"], free_tier_calls=0)
         owner, asset, price = inv["owner_id"], inv["asset"], int(inv["price"])
-        hold_ttl = self.hold_ttl_ms
+        hold_ttl, batch_ttl = self.hold_ttl_ms, self.batch_ttl_ms
         payment_id = new_id("pay")
 
         async def consume(tx: Tx) -> ops.Reserved:
@@ -302,11 +304,12 @@ class InvoiceBook:
                 now,
             )
             flipped = await tx.execute(
-                "UPDATE invoices SET status = 'paid', payment_id = $2, paid_at = $3"
-                " WHERE id = $1 AND status = 'open' AND expires_at >= $3",
+                "UPDATE invoices SET status = 'paid', payment_id = $2, paid_at = $3,"
+                " draws_until = $4 WHERE id = $1 AND status = 'open' AND expires_at >= $3",
                 invoice_id,
                 payment_id,
                 now,
+                now + batch_ttl,
             )
             if flipped != 1:
                 raise PaymentConflict("this invoice is already paid", code="invoice_already_used")
@@ -337,9 +340,20 @@ class InvoiceBook:
         return PaidInvoice(inv, owner, priced, reserved, payment_id, received)
 
     async def draw(
-        self, invoice_id: str, svc: Service, usage_id: str, proof: PayerProof
+        self,
+        invoice_id: str,
+        svc: Service,
+        usage_id: str,
+        proof: PayerProof,
+        caller_owner: str | None,
     ) -> PaidInvoice:
-        """A later call of a paid batch: the paid invoice id and its payer's signature draw from it."""
+        """A later call of a paid batch, by its invoice id and its payer's signature.
+
+        A batch is drawn at most ``batch_target - 1`` times after the paying call
+        and only until ``draws_until``: the id and signature are a bearer
+        credential for that batch, not for the owner's wallet. An invoice minted
+        with a key is drawn only with a key of the same owner.
+        """
         inv = await self.get(invoice_id)
         if inv is None or inv["service_id"] != svc.id:
             raise PaymentRejected("unknown invoice for this service", code="invoice_not_found")
@@ -347,13 +361,47 @@ class InvoiceBook:
             raise PaymentRejected(
                 "this invoice is not paid; send X-Payment with it", code="invoice_unpaid"
             )
-        check_payer_signature(inv["chain"], invoice_id, _payer_of(inv), proof)
+        payer, owner = _payer_of(inv), str(inv["owner_id"])
+        if owner != wallet_owner(str(inv["partner"]), payer) and caller_owner != owner:
+            raise PaymentRejected(
+                "this batch was bought with an API key: draw from it with a key of its owner",
+                code="owner_key_required",
+            )
+        check_payer_signature(inv["chain"], invoice_id, payer, proof)
         priced = replace(svc, price_units=int(inv["price"]), asset=inv["asset"], free_tier_calls=0)
         r = ops.Reservation(
-            usage_id, inv["owner_id"], svc.id, 0, int(inv["price"]), inv["asset"], self.hold_ttl_ms
+            usage_id, owner, svc.id, 0, int(inv["price"]), inv["asset"], self.hold_ttl_ms
         )
-        reserved = await self.writer.submit(lambda tx: ops.reserve(tx, r))
-        return PaidInvoice(inv, inv["owner_id"], priced, reserved)
+        batch, now = int(inv["batch_target"]), now_ms()
+
+        async def op(tx: Tx) -> ops.Reserved:
+            counted = await tx.execute(
+                "UPDATE invoices SET draws_used = draws_used + 1"
+                " WHERE id = $1 AND draws_used < $2 AND draws_until >= $3",
+                invoice_id,
+                batch - 1,
+                now,
+            )
+            if counted != 1:
+                raise PaymentRequired("the prepaid batch of this invoice is used up or expired")
+            reserved = await ops.reserve(tx, r)
+            if reserved.mode != ops.HELD:
+                raise PaymentRequired("the prepaid batch of this invoice is used up")
+            return reserved
+
+        reserved = await self.writer.submit(op)
+        return PaidInvoice(inv, owner, priced, reserved, drawn=True)
+
+    async def undraw(self, invoice_id: str) -> None:
+        """A draw whose call was not charged (the upstream failed) is given back."""
+
+        async def op(tx: Tx) -> None:
+            await tx.execute(
+                "UPDATE invoices SET draws_used = draws_used - 1 WHERE id = $1 AND draws_used > 0",
+                invoice_id,
+            )
+
+        await self.writer.submit(op)
 
     # ------------------------------------------------------------------ status
 

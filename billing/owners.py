@@ -35,3 +35,13 @@ def self_chosen_refusal(owner_id: str) -> str | None:
     if owner_id.lower() in RESERVED_OWNER_IDS:
         return f"owner id {owner_id!r} is reserved"
     return None
+
+
+_WALLET_OWNER_RE = re.compile(r"^([^:]+):(0x[0-9a-fA-F]{40})$")
+
+
+def canonical_owner_id(owner_id: str) -> str:
+    """A wallet owner id as sign-in derives it (EVM addresses in lower case), so money
+    granted to ``tollway:0xAbC…`` is the wallet's, not an id nobody can claim."""
+    m = _WALLET_OWNER_RE.match(owner_id)
+    return f"{m.group(1)}:{m.group(2).lower()}" if m else owner_id

@@ -114,6 +114,11 @@ class X402Gateway:
         self.min_validity_seconds = min_validity_seconds
         self.partner = partner
 
+    def upload_seconds_left(self, call: X402Call) -> float:
+        """How long the request body may take to arrive: the authorization must still be
+        valid after it, the upstream's answer and the settlement."""
+        return call.verified.valid_before - time.time() - self.min_validity_seconds
+
     def offer(self, svc: Service, resource_url: str, message: str) -> x402r.X402Offer:
         from billing.rails.x402 import build_offer
 

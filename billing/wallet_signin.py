@@ -124,8 +124,13 @@ class WalletSignIn:
             nonce, chain_id, payer, message, expires, wallet_owner(self.partner, payer)
         )
 
-    async def verify(self, message: str, signature: str, key: str | None = None) -> Challenge:
-        """Check the signature of one of our challenges and spend it; returns it."""
+    async def verify(
+        self, message: str, signature: str, key: str | None = None, *, domain: str, uri: str
+    ) -> Challenge:
+        """Check the signature of one of our challenges and spend it; returns it.
+
+        ``domain`` and ``uri`` are this server's own public origin: a message
+        naming another (a phishing page's) claims nothing, even if we issued it."""
         nonce = _nonce_of(message)
         row = await self.store.fetchrow("SELECT * FROM wallet_challenges WHERE nonce = $1", nonce)
         if row is None or row["message"] != message:
@@ -134,8 +139,10 @@ class WalletSignIn:
         if int(row["expires_at"]) < now:
             raise SignInRejected("the challenge has expired; ask for a new one")
         chain, payer = str(row["chain"]), str(row["address"])
+        if not _names_origin(message, domain, uri):
+            raise SignInRejected(f"the message is not for {uri}; ask this server for a challenge")
         if chain.startswith("eip155:"):
-            ok = _siwe_valid(message, signature, nonce)
+            ok = _siwe_valid(message, signature, nonce, domain)
         else:
             from billing.rails.cardano_identity import verify_cip8
 
@@ -164,13 +171,21 @@ def _nonce_of(message: str) -> str:
     raise SignInRejected("the message has no nonce")
 
 
-def _siwe_valid(message: str, signature: str, nonce: str) -> bool:
+def _names_origin(message: str, domain: str, uri: str) -> bool:
+    lines = message.splitlines()
+    return (
+        bool(lines)
+        and lines[0].startswith(f"{domain} wants you to sign in")
+        and (f"URI: {uri}" in lines)
+    )
+
+
+def _siwe_valid(message: str, signature: str, nonce: str, domain: str) -> bool:
     from siwe import SiweMessage
 
     try:
         parsed = SiweMessage.from_message(message)
-        # Domain and URI are ours: the stored message matched byte for byte.
-        parsed.verify(signature, nonce=nonce, domain=parsed.domain)
+        parsed.verify(signature, nonce=nonce, domain=domain)
         return True
     except Exception:  # any parse or signature failure is a refusal
         return False

@@ -296,7 +296,9 @@ async def void_withdrawal_hold(tx: Tx, w: Row, error: str, now: int) -> bool:
 
 
 def _account_from_id(account_id: str, asset: str) -> Account:
-    kind, owner, _ = account_id.split(":", 2)
+    """``kind:owner:asset``, where the owner may itself hold colons (``tollway:0x…``)."""
+    kind, _, rest = account_id.partition(":")
+    owner = rest.removesuffix(f":{asset}")
     return Account(account_id, kind, owner, asset)
 
 
@@ -380,8 +382,17 @@ class EvmWallets:
                 min_amount=1,
                 not_before_unix=0,
                 min_confirmations=cfg.confirmations,
+                # Only what the signer sent, in a transaction of its own: tokens of
+                # others moved in the same transaction are not the signer's deposit.
+                sender=payer_addresses[0] if len(payer_addresses) == 1 else None,
             )
         except PaymentRejected as exc:
+            if exc.code == "payer_mismatch":
+                raise BillingError(
+                    "the transfer was not sent by the address that signed this deposit claim",
+                    code="payer_not_signer",
+                    status=403,
+                ) from exc
             # Not a payment for this deposit address: a client error, not "payment required".
             raise BillingError(exc.message, code=exc.code, status=422) from exc
         allowed = {to_checksum_address(a) for a in payer_addresses if is_address(a)}

@@ -75,6 +75,10 @@ class Settings:
     # Every Redis key Tollway writes starts with this, so deployments (or test runs)
     # sharing one Redis never read each other's counters.
     redis_key_prefix: str = "tollway:"
+    # The origin buyers reach this server at (https://api.example.com). Wallet
+    # sign-in messages name it, never the request's Host header, which a
+    # phishing site would set to its own. Default: http://host:port.
+    public_url: str | None = None
     default_asset: str = "USDC"
     asset_decimals: int = 6
     platform_fee_bps: int = 1000
@@ -128,6 +132,8 @@ class Settings:
     invoice_partner: str = "tollway"
     # Calls one invoice pays for; above 1 the rest is credited as a prepaid batch.
     invoice_batch_target: int = 1
+    # How long after payment the rest of a prepaid batch may be drawn by invoice id.
+    invoice_batch_ttl_seconds: int = 30 * 86400
     cardano_asset: str = "lovelace"
     # Cardano units per ledger unit, as a decimal string (1 for a 6-decimal USD stablecoin).
     cardano_rate: str = "1"
@@ -142,6 +148,12 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return validate(dataclasses.replace(self, **changes))
+
+    @property
+    def public_origin(self) -> str:
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        return f"http://{self.host}:{self.port}"
 
     @property
     def storage_kind(self) -> str:
@@ -200,6 +212,15 @@ def validate(s: Settings) -> Settings:
         "redis_down_policy", s.redis_down_policy in ("local", "closed"), "must be local or closed"
     )
     _check(
+        "public_url",
+        s.public_url is None
+        or (
+            s.public_url.startswith(("https://", "http://"))
+            and "/" not in s.public_url.split("://", 1)[1].rstrip("/")
+        ),
+        "must be an origin such as https://api.example.com",
+    )
+    _check(
         "redis_key_prefix",
         0 < len(s.redis_key_prefix) <= 64 and not any(c.isspace() for c in s.redis_key_prefix),
         "must be 1 to 64 characters without spaces",
@@ -241,6 +262,7 @@ def validate(s: Settings) -> Settings:
             "entries must be domain_chain_id:0xTokenAddress",
         )
     _check("invoice_batch_target", s.invoice_batch_target >= 1, "must be >= 1")
+    _check("invoice_batch_ttl_seconds", s.invoice_batch_ttl_seconds > 0, "must be positive")
     _check("stripe_units_per_cent", s.stripe_units_per_cent > 0, "must be positive")
     _check("card_settle_seconds", s.card_settle_seconds >= 0, "must be >= 0")
     _check("webhook_max_per_owner", s.webhook_max_per_owner >= 1, "must be >= 1")

@@ -77,7 +77,9 @@ class Store(abc.ABC):
             async with self.transaction(optimistic=True) as tx:  # type: ignore[call-arg]
                 return [await op(tx) for op in ops]
         except Exception as exc:
-            if len(ops) == 1 and not isinstance(exc, GuardFailed):
+            # A lone op's own failure is its answer, unless a retry may succeed: a
+            # deadlock or serialization failure is the database's, not the op's.
+            if len(ops) == 1 and not (isinstance(exc, GuardFailed) or _retryable(exc)):
                 return [exc]
         return [await _run_alone(self, op) for op in ops]
 
@@ -427,13 +429,17 @@ class PostgresStore(Store):
 _RETRYABLE = ("deadlock", "could not serialize", "SQLITE_BUSY", "database is locked")
 
 
+def _retryable(exc: BaseException) -> bool:
+    return any(m in str(exc) for m in _RETRYABLE)
+
+
 async def _run_alone(store: Store, op: Op) -> Any:
     for attempt in range(5):
         try:
             async with store.transaction() as tx:
                 return await op(tx)
         except Exception as exc:  # handed back to the one caller whose op failed
-            retry = isinstance(exc, GuardFailed) or any(m in str(exc) for m in _RETRYABLE)
+            retry = isinstance(exc, GuardFailed) or _retryable(exc)
             if attempt < 4 and retry:
                 await asyncio.sleep(0.01 * (attempt + 1))
                 continue

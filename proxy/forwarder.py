@@ -66,6 +66,10 @@ PRIVATE_REQUEST = HOP_BY_HOP | frozenset(
         "payment-signature",
         "x-invoice-id",
         "x-wallet-address",
+        "x-payer-signature",
+        "x-payer-key",
+        "x-payment-chain",
+        "x-batch-target",
         "x-forwarded-for",
         "x-forwarded-proto",
         "x-request-id",
@@ -99,15 +103,26 @@ class _Body:
         self.deadline = time.monotonic() + max_seconds
 
     async def __aiter__(self) -> AsyncIterator[bytes]:  # type: ignore[override]
-        async for chunk in self.content.iter_chunked(65536):
+        while True:
+            try:
+                # A stalled upload hits the deadline too, not only a trickled one.
+                async with asyncio.timeout_at(_loop_deadline(self.deadline)):
+                    chunk = await self.content.readany()
+            except TimeoutError:
+                self.too_slow = True
+                raise BodyTooSlow() from None
+            if not chunk:
+                return
             self.count += len(chunk)
             if self.count > self.limit:
                 self.too_large = True
                 raise BodyTooLarge()
-            if time.monotonic() > self.deadline:
-                self.too_slow = True
-                raise BodyTooSlow()
             yield chunk
+
+
+def _loop_deadline(monotonic_deadline: float) -> float:
+    loop = asyncio.get_running_loop()
+    return loop.time() + (monotonic_deadline - time.monotonic())
 
 
 def tail_of(raw_path: str) -> str:
@@ -238,10 +253,13 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     # The upload must end well within the hold's life (the upstream may still
     # take its connect and read timeouts after it).
     upload_window = s.hold_ttl_seconds - s.upstream_connect_timeout - s.upstream_read_timeout
+    upload_seconds = max(1.0, upload_window / 2)
+    if paid is not None and paid.x402 is not None:
+        # A body trickled in past the authorization's life would let the upstream
+        # work for a payment that can no longer settle.
+        upload_seconds = min(upload_seconds, rt.payments.x402.upload_seconds_left(paid.x402))
     body: Any = (
-        _Body(request.content, s.max_body_bytes, max(1.0, upload_window / 2))
-        if request.body_exists
-        else None
+        _Body(request.content, s.max_body_bytes, upload_seconds) if request.body_exists else None
     )
     if paid is not None and paid.body is not None:
         body = paid.body  # already read whole to check an invoice's binding
@@ -398,9 +416,7 @@ class _DeferredCapture:
     def __init__(self, default: Callable[[], Awaitable[int]], deadline_seconds: float):
         self._default = default
         self._task: asyncio.Future[int] | None = None
-        self._timer = asyncio.get_running_loop().call_later(
-            max(0.0, deadline_seconds), self.start
-        )
+        self._timer = asyncio.get_running_loop().call_later(max(0.0, deadline_seconds), self.start)
 
     def start(self, settle: Callable[[], Awaitable[int]] | None = None) -> asyncio.Future[int]:
         if self._task is None:

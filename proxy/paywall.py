@@ -36,6 +36,7 @@ class PaidCall:
     ticket: Ticket
     x402: X402Call | None = None
     body: bytes | None = None  # the request body, read to check an invoice's binding
+    drawn_invoice: str | None = None  # a batch draw, given back if the call is not charged
     response_headers: dict[str, str] = field(default_factory=dict)
 
 
@@ -107,7 +108,9 @@ class Paywall:
                 )
             else:
                 body = None
-                paid = await self.invoices.draw(invoice_id, svc, usage_id, proof)
+                paid = await self.invoices.draw(
+                    invoice_id, svc, usage_id, proof, key.owner_id if key else None
+                )
             if paid.reserved.mode != ops.HELD:
                 raise PaymentRequired(
                     "the prepaid batch of this invoice is used up; pay a new invoice"
@@ -124,7 +127,7 @@ class Paywall:
                 free_tier=False,
                 idem_key=None,
             )
-            return PaidCall(ticket, body=body)
+            return PaidCall(ticket, body=body, drawn_invoice=invoice_id if paid.drawn else None)
         if x402_value and self.x402 is not None:
             call = await self.x402.accept(
                 x402_value,
@@ -147,7 +150,10 @@ class Paywall:
             paid.response_headers.update(paid.x402.response_headers)
             return charged
         outcome.usage.payment_method = "invoice"
-        return await self.rt.meter.finish(outcome)
+        charged = await self.rt.meter.finish(outcome)
+        if not charged and paid.drawn_invoice is not None and self.invoices is not None:
+            await self.invoices.undraw(paid.drawn_invoice)
+        return charged
 
     async def payment_required(
         self, request: web.Request, svc: Service, key: KeyRecord | None, message: str

@@ -5,9 +5,11 @@ from __future__ import annotations
 from aiohttp import web
 
 from billing.money import AmountError, format_amount, parse_amount
+from billing.owners import canonical_owner_id
 from ledger import journal as j
 from ledger import ops
 from ledger.db import DuplicateError
+from ledger.journal import now_ms
 from proxy.auth import require_role
 from proxy.errors import ApiError, json_response, read_json
 from proxy.runtime import RT, VERSION, Runtime
@@ -33,9 +35,22 @@ async def admin_credit(request: web.Request) -> web.Response:
         amount = parse_amount(data.get("amount"), rt.settings.asset_decimals, allow_zero=False)
     except AmountError as e:
         raise fail("amount", str(e)) from None
+    owner = canonical_owner_id(owner)
     credit = ops.Credit(owner, asset, amount, "admin_credit", f"admin_credit:{idem}")
+
+    async def op(tx):  # type: ignore[no-untyped-def]
+        # The credited id is claimed with the money: a later anonymous mint of it
+        # finds it taken instead of inheriting the balance.
+        await tx.execute(
+            "INSERT INTO owners (owner_id, created_at) VALUES ($1, $2)"
+            " ON CONFLICT (owner_id) DO NOTHING",
+            owner,
+            now_ms(),
+        )
+        return await ops.credit(tx, credit)
+
     try:
-        res = await rt.writer.submit(lambda tx: ops.credit(tx, credit))
+        res = await rt.writer.submit(op)
     except DuplicateError:
         raise ApiError(
             409, "idempotency_conflict", "this Idempotency-Key was used for another credit"

@@ -55,8 +55,9 @@ async def challenge(request: web.Request) -> web.Response:
     data = await read_json(request)
     address = req_str(data, "address", max_len=200)
     chain = opt_str(data, "chain", max_len=40)
+    origin = rt.settings.public_origin
     c = await (await _signin(rt)).challenge(
-        address, chain, domain=request.host, uri=f"{request.scheme}://{request.host}"
+        address, chain, domain=origin.split("://", 1)[1], uri=origin
     )
     return json_response(
         {
@@ -78,7 +79,10 @@ async def verify(request: web.Request) -> web.Response:
     message = req_str(data, "message", max_len=4000)
     signature = req_str(data, "signature", max_len=4000)
     key = opt_str(data, "key", max_len=4000)
-    proven = await (await _signin(rt)).verify(message, signature, key)
+    origin = rt.settings.public_origin
+    proven = await (await _signin(rt)).verify(
+        message, signature, key, domain=origin.split("://", 1)[1], uri=origin
+    )
     rec, secret = mint_key(proven.owner_id, "buyer", DEFAULT_RATE_LIMIT, proven.address)
     existing = await rt.registry.keys_of(proven.owner_id)
     if any(k.role != "buyer" for k in existing):

@@ -66,7 +66,9 @@ async def create_key(request: web.Request) -> web.Response:
         and (caller is None or caller.role != "admin")
     ):
         raise ApiError(409, "role_conflict", "this owner_id already holds keys of another role")
-    if caller is None and rt.settings.ip_rate_limit:
+    # Every new owner id costs a mint from this address, whoever asks: free tiers
+    # and default limits are per owner, so owner ids must not be free to mass-produce.
+    if not is_admin and not existing and rt.settings.ip_rate_limit:
         d = await rt.limiter.check(
             [
                 Limit(
@@ -83,11 +85,13 @@ async def create_key(request: web.Request) -> web.Response:
 
     rec, secret = mint_key(owner_id, role, rate_limit, wallet_address)
     try:
-        created = await rt.registry.create_key(rec, new_owner=not existing)
+        # Without keys, an owner id that exists (credited by an admin, say) is still
+        # taken: only an admin's grant may hand it a first key.
+        created = await rt.registry.create_key(rec, new_owner=not existing and not is_admin)
     except DuplicateError:  # pragma: no cover - 64 random bits
         raise ApiError(409, "conflict", "key id collision, retry") from None
     if not created:
-        raise ApiError(409, "owner_taken", "this owner_id was just created by another request")
+        raise ApiError(409, "owner_taken", "this owner_id is taken")
     if role == "provider" and owner_id not in rt.providers:  # type: ignore[attr-defined]
         rt.providers[owner_id] = rec.created_at  # type: ignore[attr-defined]
     return json_response(

@@ -147,6 +147,7 @@ async def on_startup(app: web.Application, rt: Runtime) -> None:
             ttl_ms=s.invoice_ttl_seconds * 1000,
             hold_ttl_ms=s.hold_ttl_seconds * 1000,
             default_batch=s.invoice_batch_target,
+            batch_ttl_ms=s.invoice_batch_ttl_seconds * 1000,
             evm=evm_terms,
             evm_client=evm_client,
             cardano=cardano_terms,

@@ -147,7 +147,13 @@ async def _raw_status(base: str, method: str, path: str, headers: dict[str, byte
 
 
 async def _send_in_segments(
-    base: str, method: str, path: str, headers: dict[str, str], body: bytes, pieces: int = 4
+    base: str,
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    body: bytes,
+    pieces: int = 4,
+    pause: float = 0.05,
 ) -> tuple[int, bytes]:
     """One request whose body arrives in ``pieces`` TCP segments, a pause between each."""
     host, port = base.removeprefix("http://").split(":")
@@ -159,9 +165,14 @@ async def _send_in_segments(
     await writer.drain()
     step = max(1, len(body) // pieces)
     for i in range(0, len(body), step):
-        await asyncio.sleep(0.05)
-        writer.write(body[i : i + step])
-        await writer.drain()
+        await asyncio.sleep(pause)
+        if writer.is_closing():
+            break
+        try:
+            writer.write(body[i : i + step])
+            await writer.drain()
+        except ConnectionError:
+            break  # the server answered early and closed
     raw = await reader.read()
     writer.close()
     head_raw, _, rest = raw.partition(b"\r\n\r\n")

@@ -300,7 +300,9 @@ async def test_x402_settlement_presented_at_once_elsewhere_never_credits_twice(
                         done = call.done()
                         settlement = settlement or _mined_tx_from(chain, gas, seen)
                         if settlement is not None:
-                            st, _ = await _pay(tw, sid, inv, settlement, payer_signature(payer, inv))
+                            st, _ = await _pay(
+                                tw, sid, inv, settlement, payer_signature(payer, inv)
+                            )
                             refused.append(st)
                             st, _, _ = await tw.api(
                                 "POST",
@@ -368,7 +370,9 @@ async def test_x402_authorization_must_outlive_the_upstream_and_pay_its_own_reso
             await official(payer).create_payment_payload(short)
         )
         r = await plain.get(url_a, headers={"PAYMENT-SIGNATURE": header})
-        assert r.status_code == 402 and r.json()["error"]["code"] == "authorization_expires_too_soon"
+        assert (
+            r.status_code == 402 and r.json()["error"]["code"] == "authorization_expires_too_soon"
+        )
 
         # Offered for A, same price and payTo as B: refused on B, still good on A.
         header = encode_payment_signature_header(await official(payer).create_payment_payload(req))
@@ -380,3 +384,153 @@ async def test_x402_authorization_must_outlive_the_upstream_and_pay_its_own_reso
     assert upstream.hits == hits + 1
     assert chain.token_balance(usdc, merchant) == PRICE
     await _ledger_ok(tw)
+
+
+# --------------------------------------------------------------------------- review findings
+
+
+async def test_sign_in_names_this_servers_origin_never_the_request_host(
+    tw: InProcess, chain: EvmChain, usdc: str
+):
+    """A phishing site that asks for a challenge with its own Host gets a message naming
+    this server; a wallet would refuse to sign it on the phishing page."""
+    victim = funded(chain, usdc)
+    origin = tw.rt.settings.public_origin
+    st, ch, _ = await tw.api(
+        "POST",
+        "/api/v1/auth/challenge",
+        headers={"Host": "evil.example", "X-Forwarded-Host": "evil.example"},
+        json={"address": victim.address},
+    )
+    assert st == 201
+    assert ch["message"].startswith(origin.split("://")[1] + " wants you to sign in")
+    assert "evil.example" not in ch["message"] and f"URI: {origin}" in ch["message"]
+    # a message for another origin, even one this server stored, claims nothing
+    await tw.rt.store.execute(
+        "UPDATE wallet_challenges SET message = replace(message, $2, 'evil.example')"
+        " WHERE nonce = $1",
+        ch["nonce"],
+        origin.split("://")[1],
+    )
+    tampered = ch["message"].replace(origin.split("://")[1], "evil.example")
+    sig = "0x" + victim.sign_message(encode_defunct(text=tampered)).signature.hex()
+    st, body, _ = await tw.api(
+        "POST", "/api/v1/auth/verify", json={"message": tampered, "signature": sig}
+    )
+    assert st == 401, body
+
+
+async def test_a_batch_draw_is_bounded_by_its_batch_and_keyed_batches_need_the_key(
+    tw: InProcess, upstream: Upstream, chain: EvmChain, usdc: str, merchant: str
+):
+    """The invoice id and payer signature draw at most the batch, never the owner's
+    other money, and never reach the upstream."""
+    sid = await _service(tw, upstream)
+    payer = funded(chain, usdc)
+    # an anonymous batch of 3: the paying call and 2 draws, then 402, although
+    # the wallet gets more money meanwhile
+    inv = await _invoice(tw, sid, payer.address, **{"X-Batch-Target": "3"})
+    tx = chain.transfer_token(usdc, payer, merchant, 3 * PRICE)
+    sig = payer_signature(payer, inv)
+    assert (await _pay(tw, sid, inv, tx, sig))[0] == 200
+    seen = upstream.seen[-1].headers
+    private = {"x-payer-signature", "x-invoice-id", "x-payment", "x-batch-target"}
+    assert not private & {k.lower() for k, _ in seen}
+    await tw.credit(f"tollway:{payer.address.lower()}", "1.00")
+    draw = {"X-Invoice-Id": inv["invoiceId"], "X-Payer-Signature": sig}
+    assert [(await tw.call(sid, "ok", None, headers=draw))[0] for _ in range(3)] == [
+        200,
+        200,
+        402,
+    ]
+    # a draw whose call fails is given back
+    inv = await _invoice(tw, sid, payer.address, **{"X-Batch-Target": "2"})
+    tx = chain.transfer_token(usdc, payer, merchant, 2 * PRICE)
+    sig = payer_signature(payer, inv)
+    assert (await _pay(tw, sid, inv, tx, sig))[0] == 200
+    draw = {"X-Invoice-Id": inv["invoiceId"], "X-Payer-Signature": sig}
+    st, _, _ = await tw.call(sid, "status/503", None, headers=draw)
+    assert st == 503
+    assert (await tw.call(sid, "ok", None, headers=draw))[0] == 200
+    assert (await tw.call(sid, "ok", None, headers=draw))[0] == 402
+
+    # bought with a key: drawn only with a key of that owner
+    alice = await tw.key("alice")
+    h = {"X-Wallet-Address": payer.address, "X-Batch-Target": "3"}
+    st, body, _ = await tw.call(sid, "ok", alice, headers=h)
+    inv = json.loads(body)["detail"]
+    tx = chain.transfer_token(usdc, payer, merchant, 3 * PRICE)
+    sig = payer_signature(payer, inv)
+    st, _, _ = await tw.call(
+        sid,
+        "ok",
+        alice,
+        headers={"X-Invoice-Id": inv["invoiceId"], "X-Payment": tx, "X-Payer-Signature": sig},
+    )
+    assert st == 200
+    draw = {"X-Invoice-Id": inv["invoiceId"], "X-Payer-Signature": sig}
+    st, body, _ = await tw.call(sid, "ok", None, headers=draw)
+    assert st == 402 and json.loads(body)["error"]["code"] == "owner_key_required"
+    assert (await tw.call(sid, "ok", alice, headers=draw))[0] == 200
+    await _ledger_ok(tw)
+
+
+async def test_an_x402_upload_cannot_outlast_its_authorization(
+    tmp_path, db_url: str, node: JsonRpcServer, chain: EvmChain, usdc: str, upstream: Upstream
+):
+    """validBefore covers the upstream's timeouts and the margin; the body must arrive
+    before the rest runs out, or the call ends 408 unpaid and the upstream never runs."""
+    from tests.proxy.test_bad_input import _send_in_segments
+
+    merchant = Account.create().address
+    settings = _settings(node, chain, usdc, merchant)
+    tw = await start_inprocess(
+        db_url,
+        tmp=str(tmp_path),
+        upstream_connect_timeout=1.0,
+        upstream_read_timeout=2.0,
+        **settings,
+    )
+    try:
+        sid = await _service(tw, upstream)
+        payer = funded(chain, usdc)
+        url = f"{tw.base}/api/v1/proxy/{sid}/echo/slow"
+        async with httpx.AsyncClient() as plain:
+            req = decode_payment_required_header((await plain.get(url)).headers["PAYMENT-REQUIRED"])
+        req.accepts[0].max_timeout_seconds = 11  # floor: 1 + 2 + 6 = 9 s, leaving 2 s to upload
+        header = encode_payment_signature_header(await official(payer).create_payment_payload(req))
+        hits = upstream.hits
+        st, raw = await _send_in_segments(
+            tw.base,
+            "POST",
+            f"/api/v1/proxy/{sid}/echo/slow",
+            {"PAYMENT-SIGNATURE": header},
+            b"x" * 160,
+            pieces=16,
+            pause=0.3,
+        )
+        assert st == 408, raw
+        assert upstream.hits == hits
+        assert chain.token_balance(usdc, merchant) == 0
+        assert await tw.rt.store.fetchval("SELECT COUNT(*) FROM transfers") == 0
+        await _ledger_ok(tw)
+    finally:
+        await tw.close()
+
+
+async def test_money_granted_to_an_unminted_owner_id_is_not_for_the_first_minter(
+    tw: InProcess,
+):
+    await tw.credit("carol", "5.00")
+    st, body, _ = await tw.api("POST", "/api/v1/keys", json={"owner_id": "carol"})
+    assert st == 409 and body["error"]["code"] == "owner_taken", body
+    carol = await tw.key("carol")  # the admin's grant hands it its first key
+    st, bal, _ = await tw.api("GET", "/api/v1/wallet/balance", carol)
+    assert st == 200 and bal["balances"][0]["available_units"] == 5_000_000
+    # a grant to a wallet owner id in checksum case is the wallet's own, lower-cased
+    wallet = Account.create()
+    await tw.credit(f"tollway:{wallet.address}", "1.00")
+    assert await _units(tw, f"tollway:{wallet.address.lower()}") == 1_000_000
+    key = await sign_in(tw, wallet)
+    st, bal, _ = await tw.api("GET", "/api/v1/wallet/balance", key)
+    assert bal["balances"][0]["available_units"] == 1_000_000

@@ -128,12 +128,13 @@ async def start_inprocess(
     database_url: str, redis_url: str | None = None, tmp: str | None = None, **overrides: Any
 ) -> InProcess:
     admin = f"admin_t:{secrets.token_hex(12)}"
+    port = free_port()
     opts: dict[str, Any] = {
         "database_url": database_url,
         "redis_url": redis_url,
         "admin_key": admin,
         "allow_private_upstreams": True,
-        "port": 0,
+        "port": port,
         "ip_rate_limit": 0,
         "receipts_dir": os.path.join(tmp or "/tmp", f"receipts-{secrets.token_hex(4)}"),
     }
@@ -144,9 +145,9 @@ async def start_inprocess(
     app = create_app(settings)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, backlog=2048)
+    # The configured port, so the server's public origin (wallet sign-in) is its own.
+    site = web.TCPSite(runner, "127.0.0.1", settings.port, backlog=2048)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     return InProcess(
         base=f"http://127.0.0.1:{port}", admin=admin, session=new_session(), runner=runner, app=app
     )
