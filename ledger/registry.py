@@ -39,6 +39,7 @@ class Service:
     status: str = "active"
     created_at: int = 0
     updated_at: int = 0
+    rate_limit: int | None = None  # calls per minute from one caller; None: no own limit
 
 
 def _key(r: Row) -> KeyRecord:
@@ -71,6 +72,7 @@ def _service(r: Row) -> Service:
         status=r["status"],
         created_at=int(r["created_at"]),
         updated_at=int(r["updated_at"]),
+        rate_limit=None if r["rate_limit"] is None else int(r["rate_limit"]),
     )
 
 
@@ -135,7 +137,7 @@ class Registry:
         await self.store.execute(
             "INSERT INTO services (id, provider_id, name, description, endpoint, price_units, asset,"
             " payment_method, free_tier_calls, allow_anonymous, category, tags, status, created_at,"
-            " updated_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15)",
+            " updated_at, rate_limit) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16)",
             s.id,
             s.provider_id,
             s.name,
@@ -151,6 +153,7 @@ class Registry:
             s.status,
             s.created_at,
             s.updated_at,
+            s.rate_limit,
         )
 
     async def get_service(self, service_id: str) -> Service | None:
@@ -169,6 +172,7 @@ class Registry:
             "category",
             "tags",
             "status",
+            "rate_limit",
         }
         sets, args = [], []
         for k, v in changes.items():

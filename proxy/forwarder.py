@@ -204,6 +204,9 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         limits.append(Limit("key", "k:" + key.key_id, key.rate_limit))
     if rt.settings.ip_rate_limit:
         limits.append(Limit("ip", "ip:" + ip, rt.settings.ip_rate_limit))
+    if svc.rate_limit:
+        caller = key.key_id if key is not None else "ip:" + ip
+        limits.append(Limit("service", f"s:{svc.id}:{caller}", svc.rate_limit))
     decision = await rt.limiter.check(limits)
     if not decision.allowed:
         metrics.RATE_LIMITED.labels(decision.limit.name if decision.limit else "?").inc()
@@ -336,6 +339,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     h["X-ACF-Free-Tier"] = "true" if ticket.free_tier and served else "false"
     h["X-ACF-Latency-Ms"] = f"{latency * 1000:.1f}"
     h[REQUEST_ID] = rid
+    h.update(decision.headers())  # the tightest limit's policy and what is left of it
     if charged and rt.receipts is not None:
         h["X-ACF-Receipt"] = _receipt(rt, request, ticket, charged)
     if paid is not None and paid.response_headers:

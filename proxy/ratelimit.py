@@ -1,7 +1,17 @@
-"""Rate limits: GCRA per key and per client IP, in Redis or in process.
+"""Rate limits: a sliding window per key, per client IP and per service, in Redis or in process.
+
+The policy a client is told (``RateLimit-Policy: "key";q=60;w=60``) is a
+promise: in no 60-second window, wherever it starts, are more than ``q``
+calls admitted. The window is kept as counts in 5-second slots; a call is
+admitted while the slots of the last 65 seconds (the current slot and the 12
+before it) hold fewer than ``q``. Any 60-second window lies within 13
+consecutive slots, all of which the last call admitted in it counted, so the
+promise holds exactly, at a cost of 13 small counters per limit. (GCRA, used
+before, let a burst of ``q`` through and then refilled at once, up to about
+twice ``q`` in a rolling minute.)
 
 One atomic Lua script checks every limit of a request at once (all pass, or
-none is charged), on Redis's own clock so all proxy instances agree. Checks
+none is counted), on Redis's own clock so all proxy instances agree. Checks
 from concurrent requests are sent together in one pipeline: still one script
 per request, but one round trip per batch instead of per request.
 
@@ -26,37 +36,63 @@ from typing import Any
 log = logging.getLogger("tollway.ratelimit")
 
 WINDOW_MS = 60_000
+SLOT_MS = 5_000
+# The current slot and the 12 before it: every 60 s window fits inside them.
+SLOTS = WINDOW_MS // SLOT_MS + 1
 
-# KEYS: one per limit. ARGV[1]: count of limits, then per limit: limit per minute.
-# Returns {allowed (0/1), retry_after_ms, remaining, reset_ms, index of the limit that decided}.
-GCRA_LUA = """
+# KEYS: one hash per limit (slot index -> count). ARGV[1]: count of limits, then
+# per limit: the quota. Returns {allowed (0/1), retry_after_ms, remaining,
+# reset_ms, index of the limit that decided}.
+WINDOW_LUA = (
+    """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local slot = math.floor(now / %(slot)d)
+local first = slot - %(slots)d + 1
 local n = tonumber(ARGV[1])
-local tats = {}
 local worst_remaining, worst_reset, worst_idx = nil, 0, 1
 for i = 1, n do
-  local limit = tonumber(ARGV[1 + i])
-  local interval = 60000 / limit
-  local tol = interval * limit
-  local tat = tonumber(redis.call('GET', KEYS[i]) or now)
-  if tat < now then tat = now end
-  local new_tat = tat + interval
-  local allow_at = new_tat - tol
-  if now < allow_at then
-    return {0, math.ceil(allow_at - now), 0, math.ceil(tat - now), i}
+  local quota = tonumber(ARGV[1 + i])
+  local h = redis.call('HGETALL', KEYS[i])
+  local total, slots = 0, {}
+  for j = 1, #h, 2 do
+    local idx, c = tonumber(h[j]), tonumber(h[j + 1])
+    if idx < first then
+      redis.call('HDEL', KEYS[i], h[j])
+    else
+      total = total + c
+      slots[#slots + 1] = {idx, c}
+    end
   end
-  tats[i] = new_tat
-  local remaining = math.floor((now + tol - new_tat) / interval)
+  table.sort(slots, function(a, b) return a[1] < b[1] end)
+  if total >= quota then
+    -- the call fits once enough of the oldest slots have left the window
+    local left, wait = total, %(window)d
+    for _, s in ipairs(slots) do
+      left = left - s[2]
+      if left < quota then
+        wait = (s[1] + %(slots)d) * %(slot)d - now
+        break
+      end
+    end
+    return {0, math.max(1, wait), 0, math.max(1, wait), i}
+  end
+  local remaining = quota - total - 1
+  local reset = %(window)d
+  if #slots > 0 then reset = (slots[1][1] + %(slots)d) * %(slot)d - now end
   if worst_remaining == nil or remaining < worst_remaining then
-    worst_remaining, worst_reset, worst_idx = remaining, math.ceil(new_tat - now), i
+    worst_remaining, worst_reset, worst_idx = remaining, reset, i
   end
 end
 for i = 1, n do
-  redis.call('SET', KEYS[i], tats[i], 'PX', math.ceil(tats[i] - now) + 1000)
+  redis.call('HINCRBY', KEYS[i], slot, 1)
+  redis.call('PEXPIRE', KEYS[i], %(window)d + 2 * %(slot)d)
 end
 return {1, 0, worst_remaining, worst_reset, worst_idx}
-"""
+""".replace("%(slot)d", str(SLOT_MS))
+    .replace("%(slots)d", str(SLOTS))
+    .replace("%(window)d", str(WINDOW_MS))
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,10 +128,10 @@ ALLOW = Decision(True, 0, 0, 0, None)
 
 
 class LocalLimiter:
-    """The same GCRA in process memory (one instance, or the Redis fallback)."""
+    """The same sliding window in process memory (one instance, or the Redis fallback)."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic, max_buckets: int = 200_000):
-        self._tat: dict[str, float] = {}
+    def __init__(self, clock: Callable[[], float] = time.time, max_buckets: int = 200_000):
+        self._slots: dict[str, dict[int, int]] = {}
         self._clock = clock
         self._max = max_buckets
 
@@ -105,30 +141,39 @@ class LocalLimiter:
     def check_now(self, limits: Sequence[Limit]) -> Decision:
         if not limits:
             return ALLOW
-        now = self._clock() * 1000.0
-        new: list[float] = []
+        now = int(self._clock() * 1000)
+        slot = now // SLOT_MS
+        first = slot - SLOTS + 1
         best: Decision | None = None
         for lim in limits:
-            interval = WINDOW_MS / lim.per_minute
-            tol = interval * lim.per_minute
-            tat = max(self._tat.get(lim.bucket, now), now)
-            new_tat = tat + interval
-            allow_at = new_tat - tol
-            if now < allow_at:
-                return Decision(False, math.ceil(allow_at - now), 0, math.ceil(tat - now), lim)
-            new.append(new_tat)
-            remaining = int((now + tol - new_tat) // interval)
+            counts = self._slots.get(lim.bucket)
+            if counts:
+                for idx in [k for k in counts if k < first]:
+                    del counts[idx]
+            live = sorted((counts or {}).items())
+            total = sum(c for _, c in live)
+            if total >= lim.per_minute:
+                left, wait = total, WINDOW_MS
+                for idx, c in live:
+                    left -= c
+                    if left < lim.per_minute:
+                        wait = (idx + SLOTS) * SLOT_MS - now
+                        break
+                return Decision(False, max(1, wait), 0, max(1, wait), lim)
+            remaining = lim.per_minute - total - 1
+            reset = (live[0][0] + SLOTS) * SLOT_MS - now if live else WINDOW_MS
             if best is None or remaining < best.remaining:
-                best = Decision(True, 0, remaining, math.ceil(new_tat - now), lim)
-        for lim, t in zip(limits, new, strict=True):
-            self._tat[lim.bucket] = t
-        if len(self._tat) > self._max:
-            self._evict(now)
+                best = Decision(True, 0, remaining, reset, lim)
+        for lim in limits:
+            counts = self._slots.setdefault(lim.bucket, {})
+            counts[slot] = counts.get(slot, 0) + 1
+        if len(self._slots) > self._max:
+            self._evict(first)
         return best or ALLOW
 
-    def _evict(self, now: float) -> None:
-        for k in [k for k, t in self._tat.items() if t <= now]:
-            del self._tat[k]
+    def _evict(self, first: int) -> None:
+        for k in [k for k, c in self._slots.items() if max(c, default=first - 1) < first]:
+            del self._slots[k]
 
 
 class RedisLimiter:
@@ -225,17 +270,18 @@ class RedisLimiter:
         from redis.exceptions import NoScriptError
 
         if self._sha is None:
-            self._sha = await self.client.script_load(GCRA_LUA)
+            self._sha = await self.client.script_load(WINDOW_LUA)
         for attempt in (0, 1):
             pipe = self.client.pipeline(transaction=False)
             for limits, _ in batch:
-                keys = [f"{self.key_prefix}rl:{lim.bucket}" for lim in limits]
+                # "rw:" (sliding window hashes), never the GCRA strings under "rl:".
+                keys = [f"{self.key_prefix}rw:{lim.bucket}" for lim in limits]
                 pipe.evalsha(
                     self._sha, len(keys), *keys, len(limits), *(lim.per_minute for lim in limits)
                 )
             replies = await pipe.execute(raise_on_error=False)
             if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
-                self._sha = await self.client.script_load(GCRA_LUA)  # Redis restarted and lost it
+                self._sha = await self.client.script_load(WINDOW_LUA)  # Redis restarted and lost it
                 continue
             return replies
         return replies

@@ -34,6 +34,7 @@ def render(s: Service, decimals: int, *, owner_view: bool) -> dict[str, Any]:
             "free_tier_calls": s.free_tier_calls,
         },
         "allow_anonymous": s.allow_anonymous,
+        "rate_limit": s.rate_limit,
         "status": s.status,
         "category": s.category,
         "tags": s.tags,
@@ -44,6 +45,15 @@ def render(s: Service, decimals: int, *, owner_view: bool) -> dict[str, Any]:
         # The upstream address is the provider's secret: buyers must come through us.
         out["endpoint"] = s.endpoint
     return out
+
+
+def _rate_limit(value: Any) -> int | None:
+    """Calls per minute from one caller to this service, or None for no limit of its own."""
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1_000_000_000:
+        raise fail("rate_limit", "rate_limit must be an integer from 1 to 1000000000, or null")
+    return value
 
 
 def _iso(ms: int) -> str:
@@ -121,6 +131,7 @@ async def register(request: web.Request) -> web.Response:
         status="active",
         created_at=now,
         updated_at=now,
+        rate_limit=_rate_limit(data.get("rate_limit")),
     )
     await rt.registry.create_service(svc)
     if key.role == "provider" and key.owner_id not in rt.providers:  # type: ignore[attr-defined]
@@ -193,6 +204,8 @@ async def patch_service(request: web.Request) -> web.Response:
             changes["free_tier_calls"] = opt_int(data, "free_tier_calls", 0, lo=0, hi=2**31 - 1)
         elif name == "allow_anonymous":
             changes["allow_anonymous"] = opt_bool(data, "allow_anonymous", False)
+        elif name == "rate_limit":
+            changes["rate_limit"] = _rate_limit(value)
         else:
             raise fail(name, f"{name} cannot be changed")
     updated = await rt.registry.update_service(svc.id, changes) if changes else svc
