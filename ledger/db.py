@@ -31,6 +31,30 @@ Row = Mapping[str, Any]
 Op = Callable[["Tx"], Awaitable[Any]]
 
 
+def store_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database cannot be reached (down, restarting, out of
+    connections), as opposed to a fault of the operation: callers answer 503 and retry."""
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
+        return True
+    try:
+        import asyncpg
+    except ImportError:  # pragma: no cover - asyncpg is a dependency
+        return False
+    return isinstance(
+        exc,
+        (
+            asyncpg.PostgresConnectionError,
+            asyncpg.InterfaceError,
+            asyncpg.exceptions.CannotConnectNowError,
+            asyncpg.exceptions.TooManyConnectionsError,
+            asyncpg.exceptions.AdminShutdownError,
+            asyncpg.exceptions.CrashShutdownError,
+        ),
+    ) or (isinstance(exc, sqlite3.OperationalError) and "disk I/O" in str(exc))
+
+
 class DuplicateError(Exception):
     """A unique key already exists (an idempotency key, a payment reference...)."""
 
@@ -396,7 +420,12 @@ class PostgresStore(Store):
         import asyncpg
 
         self.pool = await asyncpg.create_pool(
-            self.dsn, min_size=self.min_size, max_size=self.max_size, command_timeout=30
+            self.dsn,
+            min_size=self.min_size,
+            max_size=self.max_size,
+            command_timeout=30,
+            # A database that is down answers at once or not at all: seconds, not a minute.
+            timeout=5,
         )
 
     async def close(self) -> None:

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from billing.errors import BillingError, UpstreamRailError
 from config.redact import scrub
+from ledger.db import store_unavailable
 from proxy.body import BodyError, parse_json_object, read_whole
 
 log = logging.getLogger("tollway")
@@ -111,9 +112,18 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
             msg,
             headers={k: v for k, v in e.headers.items() if k.lower() in ("allow", "retry-after")},
         )
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        resp = error_response(500, "internal_error", "internal error", request_id=rid)
+    except Exception as exc:
+        if store_unavailable(exc):
+            log.warning("database unavailable on %s %s: %r", request.method, request.path, exc)
+            resp = error_response(
+                503,
+                "store_unavailable",
+                "the ledger database is unavailable; retry shortly",
+                headers={"Retry-After": "2"},
+            )
+        else:
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            resp = error_response(500, "internal_error", "internal error", request_id=rid)
     if not resp.prepared:
         resp.headers[REQUEST_ID] = rid
     return resp

@@ -14,6 +14,7 @@ that it is voided.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -29,6 +30,7 @@ from billing.errors import BillingError, PaymentRequired
 from billing.metering import Ticket
 from billing.money import format_amount
 from config.netpolicy import AddressForbidden
+from ledger.db import store_unavailable
 from ledger.journal import new_id
 from ledger.ops import CLIENT_GONE
 from proxy import metrics
@@ -295,9 +297,19 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     served = up.status < 500
     known_len = up.content_length
 
-    def settle_as(status: int) -> Any:
+    def settle_as(status: int, *, strict: bool = False) -> Any:
         return _settle(
-            rt, request, ticket, paid, status, t_up, body, known_len or 0, rid, latency=latency
+            rt,
+            request,
+            ticket,
+            paid,
+            status,
+            t_up,
+            body,
+            known_len or 0,
+            rid,
+            latency=latency,
+            strict=strict,
         )
 
     pending: _DeferredCapture | None = None
@@ -308,16 +320,30 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         # the upstream breaks off is voided, never charged) and the bytes that
         # complete it wait for the commit. A stream still running when the hold
         # nears its expiry is captured then.
-        pending = _DeferredCapture(lambda: settle_as(up.status), hold_left - _HOLD_MARGIN_SECONDS)
+        pending = _DeferredCapture(
+            lambda: settle_as(up.status, strict=True), hold_left - _HOLD_MARGIN_SECONDS
+        )
         charged = ticket.amount
     else:
         # A payment carried on the request settles first (its response header
         # names the transaction); so does a call whose hold is about to expire,
         # and an upstream error (voided at once).
         try:
-            charged = await settle_as(up.status)
+            charged = await settle_as(up.status, strict=served)
         except BillingError:
             up.release()  # x402 settlement failed: the response is not delivered unpaid
+            raise
+        except Exception as exc:
+            # The charge could not be recorded (the database is down): the answer is
+            # not delivered either, and the hold expires back to the buyer.
+            up.release()
+            if store_unavailable(exc):
+                raise ApiError(
+                    503,
+                    "store_unavailable",
+                    "the ledger database is unavailable; retry shortly",
+                    headers={"Retry-After": "2"},
+                ) from None
             raise
     resp = web.StreamResponse(status=up.status, reason=up.reason)
     h = resp.headers
@@ -378,12 +404,14 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
                 return resp
             sent += len(chunk)
             if pending is not None and known_len is not None and sent >= known_len:
-                await pending.start()  # before the bytes that complete the body
-                pending = None
+                captured, pending = pending, None
+                if not await _captured(captured, request, ticket):
+                    return resp  # before the bytes that complete the body
             await resp.write(chunk)
         if pending is not None:
-            await pending.start()  # before the end of a chunked (e.g. SSE) stream
-            pending = None
+            captured, pending = pending, None
+            if not await _captured(captured, request, ticket):
+                return resp  # before the end of a chunked (e.g. SSE) stream
     except (ConnectionResetError, aiohttp.ClientError, asyncio.CancelledError) as exc:
         # The client left mid-body: the call was answered and stays charged.
         log.info("stream %s ended early: %r", ticket.usage_id, exc)
@@ -396,7 +424,10 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     finally:
         up.release()
         if pending is not None:
-            await asyncio.shield(pending.start())
+            # The client left mid-body: charged, if the capture can commit at all
+            # (if not, the hold expires back to the buyer; it was logged).
+            with contextlib.suppress(Exception):
+                await asyncio.shield(pending.start())
     counted = body.count if isinstance(body, _Body) else (len(body) if body else 0)
     if known_len is None or (
         isinstance(body, _Body) and counted != (request.content_length or counted)
@@ -404,6 +435,20 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         rt.amend_usage(ticket.usage_id, counted, sent)
     await resp.write_eof()
     return resp
+
+
+async def _captured(capture: _DeferredCapture, request: web.Request, ticket: Ticket) -> bool:
+    """Commit the capture before the response completes. If it cannot commit (the
+    database is down), the response is cut short: a complete answer always has its
+    charge in the ledger, and the hold, never captured, expires back to the buyer."""
+    try:
+        await capture.start()
+        return True
+    except Exception:
+        log.warning("charge of %s not committed: the response is cut short", ticket.usage_id)
+        if request.transport is not None:
+            request.transport.close()
+        return False
 
 
 # Recorded for a response whose body the upstream broke off (short of its
@@ -461,9 +506,11 @@ async def _settle(
     rid: str,
     *,
     latency: float | None = None,
+    strict: bool = False,
 ) -> int:
     """Record the call; returns what was really charged (0 when the hold had
-    already expired, whatever the ticket said)."""
+    already expired, whatever the ticket said). With ``strict``, a record that
+    could not be written raises instead of answering 0."""
     outcome = rt.meter.outcome(
         ticket,
         upstream_status=status,
@@ -480,10 +527,12 @@ async def _settle(
             charged = await rt.meter.finish(outcome)
     except BillingError:
         raise
-    except Exception:
+    except Exception as exc:
         # The hold stays pending and the sweeper voids it at expiry: the buyer
         # is never charged for a call whose record could not be written.
-        log.exception("could not record usage %s", ticket.usage_id)
+        log.error("could not record usage %s: %r", ticket.usage_id, exc)
+        if strict:
+            raise
         return 0
     if charged:
         metrics.CHARGED.labels(ticket.service.asset).inc(charged)

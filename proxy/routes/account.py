@@ -96,15 +96,21 @@ async def usage_me(request: web.Request) -> web.Response:
 
 async def health(request: web.Request) -> web.Response:
     rt: Runtime = request.app[RT]
-    status = "ok"
+    status, database = "ok", "ok"
     try:
         await rt.store.fetchval("SELECT 1")
     except Exception:
-        status = "degraded"
+        status, database = "degraded", "down"
     redis = rt.redis_state
     if redis == "ok" and hasattr(rt.limiter, "ping") and not await rt.limiter.ping():
         redis = "down"
-    return json_response(
-        {"status": status, "version": VERSION, "storage": rt.store.kind, "redis": redis},
-        status=200 if status == "ok" else 503,
-    )
+    body = {
+        "status": status,
+        "version": VERSION,
+        "storage": rt.store.kind,
+        "database": database,
+        "redis": redis,
+    }
+    if status != "ok":
+        return web.json_response(body, status=503, headers={"Retry-After": "2"})
+    return json_response(body)
