@@ -17,13 +17,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
-from urllib.parse import unquote
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
 from yarl import URL
 
 from billing.errors import BillingError, PaymentRequired
@@ -34,155 +31,25 @@ from ledger.db import store_unavailable
 from ledger.journal import new_id
 from ledger.ops import CLIENT_GONE
 from proxy import metrics
-from proxy.cookies import cookie_prefix, cookies_for_service, scope_set_cookie, service_path
+from proxy.capture import UPSTREAM_BROKEN, DeferredCapture, captured_before_completion
+from proxy.cookies import cookie_prefix, scope_set_cookie, service_path
 from proxy.errors import REQUEST_ID, ApiError, request_id
 from proxy.ratelimit import Limit
 from proxy.runtime import RT, Runtime
+from proxy.upstream_request import (
+    HOP_BY_HOP,
+    PAYMENT_RESPONSE,
+    RequestBody,
+    client_ip,
+    escapes,
+    tail_of,
+    upstream_headers,
+)
 
 log = logging.getLogger("tollway.proxy")
 
 # A hold with less life than this left is captured before the headers go out.
 _HOLD_MARGIN_SECONDS = 10.0
-_PAYMENT_RESPONSE = frozenset(("payment-response", "x-payment-response"))
-HOP_BY_HOP = frozenset(
-    (
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-        "proxy-connection",
-    )
-)
-# Never forwarded upstream: the buyer's credentials and payment material are for us only.
-PRIVATE_REQUEST = HOP_BY_HOP | frozenset(
-    (
-        "host",
-        "authorization",
-        "api-key",
-        "x-payment",
-        "payment-signature",
-        "x-invoice-id",
-        "x-wallet-address",
-        "x-payer-signature",
-        "x-payer-key",
-        "x-payment-chain",
-        "x-batch-target",
-        "x-forwarded-for",
-        "x-forwarded-proto",
-        "x-request-id",
-        "content-length",
-    )
-)
-
-
-class BodyTooLarge(Exception):
-    pass
-
-
-class BodyTooSlow(Exception):
-    pass
-
-
-class _Body:
-    """Streams the request body upstream, counting and enforcing the size
-    limit and an upload deadline.
-
-    The deadline matters for money: the call's hold is placed before the body
-    is read, and a body trickled in for longer than the hold lives would let
-    the hold expire and the call go unpaid.
-    """
-
-    __slots__ = ("content", "limit", "count", "too_large", "too_slow", "deadline")
-
-    def __init__(self, content: Any, limit: int, max_seconds: float):
-        self.content, self.limit, self.count = content, limit, 0
-        self.too_large = self.too_slow = False
-        self.deadline = time.monotonic() + max_seconds
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:  # type: ignore[override]
-        while True:
-            try:
-                # A stalled upload hits the deadline too, not only a trickled one.
-                async with asyncio.timeout_at(_loop_deadline(self.deadline)):
-                    chunk = await self.content.readany()
-            except TimeoutError:
-                self.too_slow = True
-                raise BodyTooSlow() from None
-            if not chunk:
-                return
-            self.count += len(chunk)
-            if self.count > self.limit:
-                self.too_large = True
-                raise BodyTooLarge()
-            yield chunk
-
-
-def _loop_deadline(monotonic_deadline: float) -> float:
-    loop = asyncio.get_running_loop()
-    return loop.time() + (monotonic_deadline - time.monotonic())
-
-
-def tail_of(raw_path: str) -> str:
-    """The still-encoded path after /proxy/{service_id}/."""
-    q = raw_path.find("?")
-    path = raw_path if q < 0 else raw_path[:q]
-    i = path.find("/proxy/")
-    rest = path[i + 7 :]
-    slash = rest.find("/")
-    return "" if slash < 0 else rest[slash + 1 :]
-
-
-def escapes(tail: str) -> bool:
-    """True when the tail could climb out of the service's base path once an
-    upstream decodes it, however many times (%2e%2e, %252e%252e, backslashes)."""
-    seen = tail
-    for _ in range(4):
-        parts = seen.replace("\\", "/").split("/")
-        if any(p in ("..", ".") for p in parts) or "\x00" in seen:
-            return True
-        nxt = unquote(seen)
-        if nxt == seen:
-            return False
-        seen = nxt
-    return True  # still changing after four decodings: refuse rather than guess
-
-
-def client_ip(request: web.Request, trust_forwarded: bool) -> str:
-    if trust_forwarded:
-        xff = request.headers.get("X-Forwarded-For")
-        if xff:
-            return xff.rsplit(",", 1)[-1].strip()
-    return request.remote or "unknown"
-
-
-def upstream_headers(
-    request: web.Request, ip: str, rid: str, cookie_prefix: str = ""
-) -> CIMultiDict[str]:
-    drop = PRIVATE_REQUEST
-    conn = request.headers.get("Connection")
-    if conn:
-        drop = drop | {t.strip().lower() for t in conn.split(",")}
-    out: CIMultiDict[str] = CIMultiDict()
-    for k, v in request.headers.items():
-        kl = k.lower()
-        if kl == "cookie":
-            v = cookies_for_service(v, cookie_prefix)  # type: ignore[assignment]
-            if v is None:
-                continue
-        if kl not in drop:
-            out.add(k, v)
-    prior = request.headers.get("X-Forwarded-For")
-    out["X-Forwarded-For"] = f"{prior}, {ip}" if prior else ip
-    out["X-Forwarded-Proto"] = request.scheme
-    out[REQUEST_ID] = rid
-    if request.content_length is not None:
-        out["Content-Length"] = str(request.content_length)
-    return out
 
 
 async def proxy_handler(request: web.Request) -> web.StreamResponse:
@@ -264,7 +131,9 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         # work for a payment that can no longer settle.
         upload_seconds = min(upload_seconds, rt.payments.x402.upload_seconds_left(paid.x402))
     body: Any = (
-        _Body(request.content, s.max_body_bytes, upload_seconds) if request.body_exists else None
+        RequestBody(request.content, s.max_body_bytes, upload_seconds)
+        if request.body_exists
+        else None
     )
     if paid is not None and paid.body is not None:
         body = paid.body  # already read whole to check an invoice's binding
@@ -278,7 +147,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
             allow_redirects=False,
         )
     except BaseException as exc:
-        status, code, msg = _upstream_failure(exc, body if isinstance(body, _Body) else None)
+        status, code, msg = _upstream_failure(exc, body if isinstance(body, RequestBody) else None)
         await _settle(rt, request, ticket, paid, None, t_up, body, 0, rid)
         rt.counters.inc(svc.id, code)
         if isinstance(exc, asyncio.CancelledError):
@@ -312,7 +181,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
             strict=strict,
         )
 
-    pending: _DeferredCapture | None = None
+    pending: DeferredCapture | None = None
     hold_left = rt.settings.hold_ttl_seconds - (time.monotonic() - ticket.reserved_at)
     if paid is None and served and hold_left > _HOLD_MARGIN_SECONDS:
         # The hold secures the money and has time left, so the headers need not
@@ -320,7 +189,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         # the upstream breaks off is voided, never charged) and the bytes that
         # complete it wait for the commit. A stream still running when the hold
         # nears its expiry is captured then.
-        pending = _DeferredCapture(
+        pending = DeferredCapture(
             lambda: settle_as(up.status, strict=True), hold_left - _HOLD_MARGIN_SECONDS
         )
         charged = ticket.amount
@@ -357,7 +226,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
                 h.add(k, scoped)
             continue
         # Billing and payment headers are ours alone: an upstream cannot forge them.
-        if kl not in drop and not kl.startswith("x-acf-") and kl not in _PAYMENT_RESPONSE:
+        if kl not in drop and not kl.startswith("x-acf-") and kl not in PAYMENT_RESPONSE:
             h.add(k, v)
     decimals = rt.settings.asset_decimals
     h["X-ACF-Usage-Id"] = ticket.usage_id
@@ -405,12 +274,12 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
             sent += len(chunk)
             if pending is not None and known_len is not None and sent >= known_len:
                 captured, pending = pending, None
-                if not await _captured(captured, request, ticket):
+                if not await captured_before_completion(captured, request, ticket):
                     return resp  # before the bytes that complete the body
             await resp.write(chunk)
         if pending is not None:
             captured, pending = pending, None
-            if not await _captured(captured, request, ticket):
+            if not await captured_before_completion(captured, request, ticket):
                 return resp  # before the end of a chunked (e.g. SSE) stream
     except (ConnectionResetError, aiohttp.ClientError, asyncio.CancelledError) as exc:
         # The client left mid-body: the call was answered and stays charged.
@@ -428,56 +297,16 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
             # (if not, the hold expires back to the buyer; it was logged).
             with contextlib.suppress(Exception):
                 await asyncio.shield(pending.start())
-    counted = body.count if isinstance(body, _Body) else (len(body) if body else 0)
+    counted = body.count if isinstance(body, RequestBody) else (len(body) if body else 0)
     if known_len is None or (
-        isinstance(body, _Body) and counted != (request.content_length or counted)
+        isinstance(body, RequestBody) and counted != (request.content_length or counted)
     ):
         rt.amend_usage(ticket.usage_id, counted, sent)
     await resp.write_eof()
     return resp
 
 
-async def _captured(capture: _DeferredCapture, request: web.Request, ticket: Ticket) -> bool:
-    """Commit the capture before the response completes. If it cannot commit (the
-    database is down), the response is cut short: a complete answer always has its
-    charge in the ledger, and the hold, never captured, expires back to the buyer."""
-    try:
-        await capture.start()
-        return True
-    except Exception:
-        log.warning("charge of %s not committed: the response is cut short", ticket.usage_id)
-        if request.transport is not None:
-            request.transport.close()
-        return False
-
-
-# Recorded for a response whose body the upstream broke off (short of its
-# Content-Length, or a chunked stream without its end): a failed call, not charged.
-UPSTREAM_BROKEN = 502
-
-
-class _DeferredCapture:
-    """A hold's capture that starts once: when the body completes, when the upstream
-    breaks it (then as a void), or at a deadline before the hold would expire."""
-
-    __slots__ = ("_default", "_task", "_timer")
-
-    def __init__(self, default: Callable[[], Awaitable[int]], deadline_seconds: float):
-        self._default = default
-        self._task: asyncio.Future[int] | None = None
-        self._timer = asyncio.get_running_loop().call_later(max(0.0, deadline_seconds), self.start)
-
-    def start(self, settle: Callable[[], Awaitable[int]] | None = None) -> asyncio.Future[int]:
-        if self._task is None:
-            self._timer.cancel()
-            self._task = asyncio.ensure_future((settle or self._default)())
-        return self._task
-
-    def __await__(self) -> Any:
-        return self.start().__await__()
-
-
-def _upstream_failure(exc: BaseException, body: _Body | None) -> tuple[int, str, str]:
+def _upstream_failure(exc: BaseException, body: RequestBody | None) -> tuple[int, str, str]:
     if body is not None and body.too_large:
         return 413, "payload_too_large", "request body over the limit"
     if body is not None and body.too_slow:
@@ -516,7 +345,7 @@ async def _settle(
         upstream_status=status,
         latency_ms=None if latency is None else round(latency * 1000, 3),
         bytes_in=request.content_length
-        or (body.count if isinstance(body, _Body) else len(body or b"")),
+        or (body.count if isinstance(body, RequestBody) else len(body or b"")),
         bytes_out=bytes_out,
         request_id=rid,
     )

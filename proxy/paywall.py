@@ -159,7 +159,7 @@ class Paywall:
         self, request: web.Request, svc: Service, key: KeyRecord | None, message: str
     ) -> web.Response:
         rt = self.rt
-        from proxy.forwarder import client_ip
+        from proxy.upstream_request import client_ip
 
         if rt.settings.invoice_mint_rate_limit:
             ip = client_ip(request, rt.settings.trust_forwarded_for)

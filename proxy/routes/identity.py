@@ -16,10 +16,10 @@ from aiohttp import web
 from billing.wallet_signin import WalletSignIn
 from proxy.auth import mint_key
 from proxy.errors import ApiError, json_response, read_json
-from proxy.forwarder import client_ip
 from proxy.ratelimit import Limit
 from proxy.routes.keys import DEFAULT_RATE_LIMIT
 from proxy.runtime import RT, Runtime
+from proxy.upstream_request import client_ip
 from proxy.validation import opt_str, req_str
 
 

@@ -10,9 +10,9 @@ from billing.owners import self_chosen_refusal
 from ledger.db import DuplicateError
 from proxy.auth import ROLES, hash_secret, mint_key
 from proxy.errors import ApiError, json_response, read_json
-from proxy.forwarder import client_ip
 from proxy.ratelimit import Limit
 from proxy.runtime import RT, Runtime
+from proxy.upstream_request import client_ip
 from proxy.validation import opt_str, req_str
 
 # Per minute, for every key minted without an admin's grant.

@@ -94,16 +94,34 @@ async def services(request: web.Request) -> web.Response:
     stats = await portal.per_service(rt.store, key.owner_id, rt.settings.default_asset)
     out = []
     for s in items:
-        x = stats.get(s.id, {"calls": 0, "charged_calls": 0, "revenue": 0, "success_rate": None,
-                             "avg_latency_ms": None})
-        out.append({
-            "id": s.id, "name": s.name, "description": s.description, "endpoint": s.endpoint,
-            "price_per_call": _money(rt, s.price_units), "status": s.status, "category": s.category,
-            "total_calls": x["calls"], "charged_calls": x["charged_calls"],
-            "total_revenue": _money(rt, x["revenue"]), "total_revenue_units": x["revenue"],
-            "avg_latency_ms": x["avg_latency_ms"], "success_rate": x["success_rate"],
-            "created_at": _iso(s.created_at),
-        })
+        x = stats.get(
+            s.id,
+            {
+                "calls": 0,
+                "charged_calls": 0,
+                "revenue": 0,
+                "success_rate": None,
+                "avg_latency_ms": None,
+            },
+        )
+        out.append(
+            {
+                "id": s.id,
+                "name": s.name,
+                "description": s.description,
+                "endpoint": s.endpoint,
+                "price_per_call": _money(rt, s.price_units),
+                "status": s.status,
+                "category": s.category,
+                "total_calls": x["calls"],
+                "charged_calls": x["charged_calls"],
+                "total_revenue": _money(rt, x["revenue"]),
+                "total_revenue_units": x["revenue"],
+                "avg_latency_ms": x["avg_latency_ms"],
+                "success_rate": x["success_rate"],
+                "created_at": _iso(s.created_at),
+            }
+        )
     return json_response({"services": out, "count": len(out)})
 
 
@@ -116,26 +134,34 @@ async def analytics(request: web.Request) -> web.Response:
     u = await portal.usage_totals(rt.store, key.owner_id, asset, svc.id)
     today = now_ms() // portal.DAY_MS
     series = await portal.daily(rt.store, svc.id, asset, (today - days + 1) * portal.DAY_MS)
-    return json_response({
-        "service_id": svc.id,
-        "service_name": svc.name,
-        "total_calls": u["calls"],
-        "charged_calls": u["charged_calls"],
-        "total_revenue": _money(rt, u["revenue"]),
-        "total_revenue_units": u["revenue"],
-        "avg_latency_ms": u["avg_latency_ms"],
-        "success_rate": u["success_rate"],
-        "unique_buyers": u["unique_buyers"],
-        "first_call": _iso(u["first_call"]),
-        "last_call": _iso(u["last_call"]),
-        "days": days,
-        "daily": [
-            {"date": dt.date.fromordinal(dt.date(1970, 1, 1).toordinal() + d["day"]).isoformat(),
-             "calls": d["calls"], "charged_calls": d["charged_calls"],
-             "revenue": _money(rt, d["revenue"]), "revenue_units": d["revenue"]}
-            for d in series
-        ],
-    })
+    return json_response(
+        {
+            "service_id": svc.id,
+            "service_name": svc.name,
+            "total_calls": u["calls"],
+            "charged_calls": u["charged_calls"],
+            "total_revenue": _money(rt, u["revenue"]),
+            "total_revenue_units": u["revenue"],
+            "avg_latency_ms": u["avg_latency_ms"],
+            "success_rate": u["success_rate"],
+            "unique_buyers": u["unique_buyers"],
+            "first_call": _iso(u["first_call"]),
+            "last_call": _iso(u["last_call"]),
+            "days": days,
+            "daily": [
+                {
+                    "date": dt.date.fromordinal(
+                        dt.date(1970, 1, 1).toordinal() + d["day"]
+                    ).isoformat(),
+                    "calls": d["calls"],
+                    "charged_calls": d["charged_calls"],
+                    "revenue": _money(rt, d["revenue"]),
+                    "revenue_units": d["revenue"],
+                }
+                for d in series
+            ],
+        }
+    )
 
 
 async def earnings(request: web.Request) -> web.Response:
@@ -154,14 +180,23 @@ async def keys(request: web.Request) -> web.Response:
     rt: Runtime = request.app[RT]
     key = await _provider(rt, request)
     recs = await rt.registry.keys_of(key.owner_id)
-    return json_response({
-        "keys": [
-            {"key_id": k.key_id, "role": k.role, "rate_limit": k.rate_limit, "wallet_address": k.wallet_address,
-             "status": k.status, "created_at": _iso(k.created_at), "expires_at": None}
-            for k in recs
-        ],
-        "count": len(recs),
-    })
+    return json_response(
+        {
+            "keys": [
+                {
+                    "key_id": k.key_id,
+                    "role": k.role,
+                    "rate_limit": k.rate_limit,
+                    "wallet_address": k.wallet_address,
+                    "status": k.status,
+                    "created_at": _iso(k.created_at),
+                    "expires_at": None,
+                }
+                for k in recs
+            ],
+            "count": len(recs),
+        }
+    )
 
 
 async def revoke_key(request: web.Request) -> web.Response:
@@ -183,8 +218,14 @@ async def test_endpoint(request: web.Request) -> web.Response:
     rt: Runtime = request.app[RT]
     key = await _provider(rt, request)
     svc = await _own_service(rt, request, key)
-    out: dict[str, Any] = {"service_id": svc.id, "endpoint": svc.endpoint, "reachable": False,
-                           "latency_ms": 0, "status_code": 0, "error": ""}
+    out: dict[str, Any] = {
+        "service_id": svc.id,
+        "endpoint": svc.endpoint,
+        "reachable": False,
+        "latency_ms": 0,
+        "status_code": 0,
+        "error": "",
+    }
     why = check_url(svc.endpoint, allow_private=rt.settings.allow_private_upstreams)
     if why:
         out["error"] = f"refused by the network policy: {why}"
@@ -194,8 +235,9 @@ async def test_endpoint(request: web.Request) -> web.Response:
     t0 = time.perf_counter()
     try:
         # The proxy's own session: its resolver applies the SSRF policy at connect time too.
-        async with rt.session.get(svc.endpoint, allow_redirects=False,
-                                  timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+        async with rt.session.get(
+            svc.endpoint, allow_redirects=False, timeout=aiohttp.ClientTimeout(total=timeout)
+        ) as resp:
             out["status_code"] = resp.status
             out["reachable"] = True
     except TimeoutError:
@@ -224,10 +266,15 @@ async def onboarding(request: web.Request) -> web.Response:
     }
     steps = {k: {"completed": done[k], "label": v} for k, v in labels.items()}
     n = sum(1 for v in done.values() if v)
-    return json_response({
-        "provider_id": key.owner_id, "steps": steps, "completed_steps": n, "total_steps": len(steps),
-        "completion_pct": round(100.0 * n / len(steps), 1),
-    })
+    return json_response(
+        {
+            "provider_id": key.owner_id,
+            "steps": steps,
+            "completed_steps": n,
+            "total_steps": len(steps),
+            "completion_pct": round(100.0 * n / len(steps), 1),
+        }
+    )
 
 
 ROUTES: list[tuple[str, str, Any]] = [

@@ -27,9 +27,13 @@ async def create(request: web.Request) -> web.Response:
     if asset != rt.settings.default_asset:
         raise fail("asset", f"asset must be {rt.settings.default_asset}")
     start, end = st.parse_period(data)
-    res = await st.create_settlement(rt.store, st.FeePolicy.from_settings(rt.settings), provider_id, asset, start, end)
+    res = await st.create_settlement(
+        rt.store, st.FeePolicy.from_settings(rt.settings), provider_id, asset, start, end
+    )
     if res.settlement is None:
-        raise ApiError(422, "nothing_to_settle", "no unsettled charges for this provider in this period")
+        raise ApiError(
+            422, "nothing_to_settle", "no unsettled charges for this provider in this period"
+        )
     out = st.render(res.settlement, rt.settings.asset_decimals)
     out["replayed"] = not res.created
     return json_response(out, status=201 if res.created else 200)
@@ -72,10 +76,16 @@ async def pay(request: web.Request) -> web.Response:
     require_role(key, "admin")
     data = await read_json(request)
     payment_tx = req_str(data, "payment_tx", max_len=256)
-    row = await st.pay(rt.store, request.match_info["settlement_id"], payment_tx, rt.settings.asset_decimals)
+    row = await st.pay(
+        rt.store, request.match_info["settlement_id"], payment_tx, rt.settings.asset_decimals
+    )
     return json_response(
-        {"status": st.COMPLETED, "payment_tx": payment_tx, "settlement_id": row["id"],
-         "net_amount": st.render(row, rt.settings.asset_decimals)["net_amount"]}
+        {
+            "status": st.COMPLETED,
+            "payment_tx": payment_tx,
+            "settlement_id": row["id"],
+            "net_amount": st.render(row, rt.settings.asset_decimals)["net_amount"],
+        }
     )
 
 
@@ -83,7 +93,9 @@ async def commission(request: web.Request) -> web.Response:
     rt: Runtime = request.app[RT]
     key = await rt.keys.authenticate(request)
     require_role(key, "admin")
-    info = await st.commission(rt.store, st.FeePolicy.from_settings(rt.settings), request.match_info["provider_id"])
+    info = await st.commission(
+        rt.store, st.FeePolicy.from_settings(rt.settings), request.match_info["provider_id"]
+    )
     return json_response(info)
 
 

@@ -35,12 +35,15 @@ async def subscribe(request: web.Request) -> web.Response:
     key = await rt.keys.authenticate(request)
     data = await read_json(request)
     s = rt.settings
-    url = wh.check_webhook_url(data.get("url"), allow_http=s.webhook_allow_http,
-                               allow_private=s.allow_private_upstreams)
+    url = wh.check_webhook_url(
+        data.get("url"), allow_http=s.webhook_allow_http, allow_private=s.allow_private_upstreams
+    )
     events = wh.check_events(data.get("events"))
     provided = data.get("secret")
     secret = wh.check_secret(provided)
-    sub = await wh.subscribe(rt.store, key.owner_id, url, events, secret, max_per_owner=s.webhook_max_per_owner)
+    sub = await wh.subscribe(
+        rt.store, key.owner_id, url, events, secret, max_per_owner=s.webhook_max_per_owner
+    )
     if wh.SERVICE_CALLED in events:
         state(rt).cache.add(key.owner_id)
     out = sub.render()
@@ -98,14 +101,18 @@ async def on_startup(app: web.Application, rt: Runtime) -> None:
     worker = wh.DeliveryWorker(
         rt.store,
         wh.WorkerConfig(
-            max_attempts=s.webhook_max_attempts, backoff_base=s.webhook_backoff_base_seconds,
-            timeout=s.webhook_timeout_seconds, poll_interval=s.webhook_poll_interval_seconds,
+            max_attempts=s.webhook_max_attempts,
+            backoff_base=s.webhook_backoff_base_seconds,
+            timeout=s.webhook_timeout_seconds,
+            poll_interval=s.webhook_poll_interval_seconds,
             allow_private=s.allow_private_upstreams,
         ),
     )
     worker.start()
     rt.webhooks = WebhookState(cache, worker)  # type: ignore[attr-defined]
-    rt.background.append(asyncio.get_running_loop().create_task(cache.run(), name="webhook-subscribers"))
+    rt.background.append(
+        asyncio.get_running_loop().create_task(cache.run(), name="webhook-subscribers")
+    )
 
 
 async def on_cleanup(app: web.Application, rt: Runtime) -> None:
