@@ -81,10 +81,33 @@ def request_id(request: web.Request) -> str:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def _storable(text: str) -> bool:
+    """Text a database column takes: no NUL (PostgreSQL refuses it), valid Unicode."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_url_text(request: web.Request) -> None:
+    # Path parameters and query values reach lookups as they are; the proxied tail
+    # is the upstream's to judge.
+    for name, value in request.match_info.items():
+        if name != "tail" and (len(value) > 512 or not _storable(value)):
+            raise ApiError(404, "not_found", f"no such {name}")
+    for value in request.query.values():
+        if not _storable(value):
+            raise ApiError(400, "invalid_query", "query values must be text without NUL")
+
+
 @web.middleware
 async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     rid = request_id(request)
     try:
+        _check_url_text(request)
         resp = await handler(request)
     except ApiError as e:
         resp = error_response(e.status, e.code, e.message, headers=e.headers, **e.extra)
