@@ -236,9 +236,10 @@ class _BufferedTx:
     async def _many(self, sql: str, rows: list[tuple[Any, ...]]) -> None: ...
     async def _read_balance(self, account_id: str) -> int | None: ...
 
-    async def _lock_balances(self, ids: list[str]) -> dict[str, int] | None:
-        """Lock ``ids`` in order and return their balances; None where the
-        backend's transaction is already exclusive (nothing to recheck)."""
+    async def _lock_balances(self, deltas: list[tuple[str, list[Any]]]) -> dict[str, int] | None:
+        """Lock the accounts of ``deltas`` (sorted by id) in that order and return
+        their balances; None where the backend's transaction is already exclusive
+        (nothing to recheck)."""
         return None
 
     async def _resolve_many(self, items: list[tuple[str, str, int]]) -> int: ...
@@ -284,7 +285,7 @@ class _BufferedTx:
             # Sorted, so concurrent transactions lock account rows in one order.
             deltas = sorted(self._deltas.items())
             self._deltas = {}
-            current = await self._lock_balances([k for k, _ in deltas])
+            current = await self._lock_balances(deltas)
             if current is not None:
                 for k, v in deltas:
                     if k in self._guarded and v[3] < 0 and current.get(k, 0) + v[3] < 0:
@@ -359,11 +360,12 @@ class _BufferedTx:
 
 
 class _PgTx(_BufferedTx):
-    __slots__ = ("conn",)
+    __slots__ = ("conn", "existing")
 
-    def __init__(self, conn: Any, optimistic: bool = False):
+    def __init__(self, conn: Any, existing: set[str], optimistic: bool = False):
         super().__init__(optimistic)
         self.conn = conn
+        self.existing = existing  # account ids known to exist in this database
 
     async def _resolve_many(self, items: list[tuple[str, str, int]]) -> int:
         ids, statuses, ats = zip(*items, strict=True)
@@ -399,12 +401,28 @@ class _PgTx(_BufferedTx):
         # for a whole batch.
         return await self.conn.fetchval("SELECT balance FROM accounts WHERE id = $1", account_id)
 
-    async def _lock_balances(self, ids: list[str]) -> dict[str, int] | None:
+    async def _lock_balances(self, deltas: list[tuple[str, list[Any]]]) -> dict[str, int] | None:
+        # Rows first, then locks: an account another process is creating right now
+        # would otherwise be locked (by its insert) out of id order, and two writers
+        # could each wait on a row the other holds. Rows once made are never
+        # removed, so each process creates a given account at most once.
+        new = [(k, v[0], v[1], v[2], v[4]) for k, v in deltas if k not in self.existing]
+        if new:
+            await self.conn.executemany(_CREATE_ACCOUNT, new)
+        ids = [k for k, _ in deltas]
         rows = await self.conn.fetch(
             "SELECT id, balance FROM accounts WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE",
             ids,
         )
+        if new and len(self.existing) < 1_000_000:
+            self.existing.update(k for k, *_ in new)
         return {r["id"]: int(r["balance"]) for r in rows}
+
+
+_CREATE_ACCOUNT = (
+    "INSERT INTO accounts (id, asset, kind, owner_id, balance, created_at)"
+    " VALUES ($1, $2, $3, $4, 0, $5) ON CONFLICT (id) DO NOTHING"
+)
 
 
 class PostgresStore(Store):
@@ -415,6 +433,8 @@ class PostgresStore(Store):
         self.min_size = min_size
         self.max_size = max_size
         self.pool: Any = None
+        # Account ids seen created here (a miss costs one idempotent insert).
+        self._existing_accounts: set[str] = set()
 
     async def connect(self) -> None:
         import asyncpg
@@ -440,7 +460,7 @@ class PostgresStore(Store):
         async with self.pool.acquire() as conn:
             try:
                 async with conn.transaction():
-                    tx = _PgTx(conn, optimistic)
+                    tx = _PgTx(conn, self._existing_accounts, optimistic)
                     yield tx
                     await tx.flush()
             except asyncpg.UniqueViolationError as exc:
@@ -449,7 +469,7 @@ class PostgresStore(Store):
     @contextlib.asynccontextmanager
     async def reader(self) -> AsyncIterator[Tx]:
         async with self.pool.acquire() as conn:
-            yield _PgTx(conn)
+            yield _PgTx(conn, self._existing_accounts)
 
     async def _exec_script(self, tx: Tx, sql: str) -> None:
         await tx.conn.execute(sql)  # type: ignore[attr-defined]
