@@ -242,17 +242,31 @@ class Result:
     created: bool
 
 
+# A charge paid while its buyer held card money that has not settled yet is not
+# settled (so not paid out) until that money settles: otherwise a stolen card could
+# be spent on a colluding provider's service and leave as earnings at once, before
+# the chargeback. The clock is the database's own, in ms, on both stores.
+CARD_SETTLED = (
+    " AND NOT EXISTS (SELECT 1 FROM card_funds c WHERE c.owner_id = u.buyer_id"
+    " AND c.asset = u.asset AND c.created_at <= u.created_at AND c.settles_at > {now})"
+)
+
 _CANDIDATES = (
     " FROM usage_records u"
     " WHERE u.provider_id = $1 AND u.asset = $2 AND u.amount > 0"
     " AND u.created_at >= $3 AND u.created_at < $4"
     " AND NOT EXISTS (SELECT 1 FROM settlement_items s WHERE s.usage_id = u.id)"
+    + CARD_SETTLED
 )
+
+
+def _candidates() -> str:
+    return _CANDIDATES.replace("{now}", str(now_ms()))
 
 
 async def count_unsettled(store: Store, provider_id: str, asset: str, start: int, end: int) -> int:
     return int(
-        await store.fetchval("SELECT COUNT(*)" + _CANDIDATES, provider_id, asset, start, end)
+        await store.fetchval("SELECT COUNT(*)" + _candidates(), provider_id, asset, start, end)
     )
 
 
@@ -261,7 +275,8 @@ async def providers_with_unsettled(store: Store, asset: str, start: int, end: in
         "SELECT DISTINCT u.provider_id FROM usage_records u"
         " WHERE u.asset = $1 AND u.amount > 0 AND u.created_at >= $2 AND u.created_at < $3"
         " AND NOT EXISTS (SELECT 1 FROM settlement_items s WHERE s.usage_id = u.id)"
-        " ORDER BY u.provider_id",
+        + CARD_SETTLED.replace("{now}", str(now_ms()))
+        + " ORDER BY u.provider_id",
         asset,
         start,
         end,
@@ -317,7 +332,7 @@ async def create_settlement(
         "INSERT INTO settlement_items (usage_id, settlement_id, gross, call_fee, fee_bps, created_at)"
         " SELECT u.id, $5, SUM(t.amount), SUM(CASE WHEN t.kind = 'fee' THEN t.amount ELSE 0 END),"
         f" {bps_sql}, u.created_at"
-        + _CANDIDATES.replace(
+        + _candidates().replace(
             " FROM usage_records u",
             " FROM usage_records u JOIN transfers t"
             " ON t.usage_id = u.id AND t.kind IN ('charge', 'fee')",
