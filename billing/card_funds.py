@@ -118,9 +118,10 @@ async def guard_withdrawal(
     Call it in the withdrawal's transaction, before its guarded debit of
     ``source`` (to ``counter``, locked together in id order). A withdrawal of
     more than the whole balance is left to that guard (402). Earnings hold no
-    card money: nothing to check.
+    card money (settlements leave out charges paid with card money still
+    settling), but an owner in debt takes nothing out of them either.
     """
-    if source.kind != "wallet" or source.owner is None:
+    if source.kind not in ("wallet", "earnings") or source.owner is None:
         return
     owner, asset = source.owner, source.asset
     await _lock(tx, source, counter)
@@ -130,6 +131,8 @@ async def guard_withdrawal(
             f"the wallet is frozen: {format_amount(owed, decimals)} {asset} of card money"
             " taken back (refund or dispute) had already been spent; top up to pay it"
         )
+    if source.kind != "wallet":
+        return
     balance = await _balance(tx, source)
     young, next_at = await unsettled(tx, owner, asset, now)
     withdrawable = max(0, balance - young)
