@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from billing.errors import BillingError, PaymentPending
 from ledger.db import Row
+from ledger.journal import now_ms
 
 if TYPE_CHECKING:
     from billing.invoices import InvoiceBook
@@ -19,9 +20,10 @@ if TYPE_CHECKING:
 
 async def verify_on_chain(
     book: InvoiceBook, inv: Row, payment: str, payer: str
-) -> tuple[str, str, int]:
+) -> tuple[str, str, int, int]:
     """Check the payment on its chain, sent by ``payer``, made after the invoice;
-    returns (rail, unique tx reference, amount received)."""
+    returns (rail, unique tx reference, amount received, when it was paid in ms:
+    its block's time, or when Tollway submitted it for this invoice)."""
     chain = inv["chain"]
     if chain.startswith("eip155:"):
         if book.evm is None or book.evm_client is None:
@@ -39,12 +41,13 @@ async def verify_on_chain(
             min_confirmations=book.evm.confirmations,
             sender=payer,
         )
-        return chain, t.tx_hash.lower(), int(t.amount)
+        return chain, t.tx_hash.lower(), int(t.amount), int(t.block_time) * 1000
     if book.cardano is None or book.cardano_rail is None:
         raise BillingError(
             "Cardano payments are not configured", code="unsupported_chain", status=400
         )
     from billing.rails.cardano import CardanoAsset, ExpectedPayment, RequiredOutput
+    from billing.rails.cardano_identity import normalize_cardano_address
 
     unit = inv["token"]
     asset = CardanoAsset.lovelace() if unit == "lovelace" else CardanoAsset.from_unit(unit)
@@ -62,8 +65,21 @@ async def verify_on_chain(
             payer=payer,
         )
         tx_id, outputs = confirmed.tx_id, confirmed.outputs
+        paid_at = int(confirmed.block_time) * 1000
+        if inv["submitted_tx"] and str(inv["submitted_tx"]) == str(tx_id).lower():
+            paid_at = min(paid_at, int(inv["submitted_at"]))
     else:
         tx_id, outputs = await book.cardano_rail.verify_and_submit(payment, expected, payer=payer)
+        paid_at = now_ms()
+        # Submitted by us while the invoice was open: it pays the invoice when it
+        # confirms, however late (the buyer's retry may come after the expiry).
+        await book.store.execute(
+            "UPDATE invoices SET submitted_tx = $2, submitted_at = $3"
+            " WHERE id = $1 AND status = 'open' AND expires_at >= $3",
+            inv["id"],
+            str(tx_id).lower(),
+            paid_at,
+        )
         if confirmations > 0:
             # In the mempool is not on chain: it counts once confirmed, by its hash.
             raise PaymentPending(
@@ -72,5 +88,11 @@ async def verify_on_chain(
                 tx_id=str(tx_id).lower(),
                 retry_after_seconds=20,
             )
-    received = sum(o.amount_of(asset) for o in outputs if o.address == inv["pay_to"])
-    return chain, str(tx_id).lower(), int(received)
+    # Addresses compared as the rail's output check compares them, whatever the spelling.
+    pay_to = normalize_cardano_address(str(inv["pay_to"])) or inv["pay_to"]
+    received = sum(
+        o.amount_of(asset)
+        for o in outputs
+        if (normalize_cardano_address(o.address) or o.address) == pay_to
+    )
+    return chain, str(tx_id).lower(), int(received), paid_at

@@ -260,10 +260,6 @@ class InvoiceBook:
             raise PaymentRejected("unknown invoice for this service", code="invoice_not_found")
         if inv["status"] == "paid":
             raise PaymentConflict("this invoice is already paid", code="invoice_already_used")
-        if int(inv["expires_at"]) < now_ms():
-            raise PaymentRejected(
-                "the invoice has expired; request a new one", code="invoice_expired"
-            )
         if (inv["req_method"], inv["req_path"], inv["req_body_hash"]) != (
             binding.method,
             binding.path,
@@ -276,7 +272,14 @@ class InvoiceBook:
         payer = _payer_of(inv)
         # The signature first: a stranger is refused before any chain lookup.
         check_payer_signature(inv["chain"], invoice_id, payer, proof)
-        rail, tx_ref, received = await verify_on_chain(self, inv, payment.strip(), payer)
+        rail, tx_ref, received, paid_at = await verify_on_chain(self, inv, payment.strip(), payer)
+        # Expiry is judged by when the payment was made (its block, or our submission),
+        # not by when the retry arrives: a buyer whose network dropped still gets the call.
+        if paid_at > int(inv["expires_at"]):
+            raise PaymentRejected(
+                "the invoice had expired when this payment was made; request a new one",
+                code="invoice_expired",
+            )
         priced = replace(svc, price_units=int(inv["price"]), asset=inv["asset"], free_tier_calls=0)
         owner, asset, price = inv["owner_id"], inv["asset"], int(inv["price"])
         hold_ttl, batch_ttl = self.hold_ttl_ms, self.batch_ttl_ms
@@ -305,7 +308,7 @@ class InvoiceBook:
             )
             flipped = await tx.execute(
                 "UPDATE invoices SET status = 'paid', payment_id = $2, paid_at = $3,"
-                " draws_until = $4 WHERE id = $1 AND status = 'open' AND expires_at >= $3",
+                " draws_until = $4 WHERE id = $1 AND status = 'open'",
                 invoice_id,
                 payment_id,
                 now,

@@ -339,7 +339,7 @@ async def test_cardano_wallet_signs_in_with_cip8_and_only_its_own_key_works(
 ):
     """A Cardano payer's wallet owner id is claimed with a CIP-8 signature of a fresh
     challenge; another wallet's signature, or a replay, claims nothing."""
-    env, tw = setup, setup.tw
+    tw = setup.tw
     payer, thief = new_wallet(), new_wallet()
     st, body, _ = await tw.api("POST", "/api/v1/keys", json={"owner_id": f"tollway:{payer.bech32}"})
     assert st == 403 and body["error"]["code"] == "owner_id_reserved"
@@ -364,3 +364,39 @@ async def test_cardano_wallet_signs_in_with_cip8_and_only_its_own_key_works(
         "GET", f"/payments/balance?wallet={payer.bech32}", f"{k['key_id']}:{k['secret']}"
     )
     assert st == 200 and bal["wallet"] == payer.bech32
+
+
+async def test_a_payment_submitted_in_time_pays_even_if_it_confirms_after_expiry(
+    db_url: str, tmp_path, blockfrost_server: BlockfrostServer, upstream: Upstream
+):
+    """The buyer's signed CBOR is submitted while the invoice is open; the block (or
+    the buyer's retry, after a network drop) comes after the invoice's expiry. The
+    payment was made in time, so it pays the invoice, once."""
+    import asyncio
+
+    env = await _start(db_url, tmp_path, blockfrost_server, upstream, confirmations=1)
+    env.tw.rt.payments.invoices.ttl_ms = 3000
+    try:
+        payer = new_wallet()
+        inv = await _invoice(env, payer)
+        tx = _payment(blockfrost_server, env, payer)
+        st, body, _ = await _retry(env, inv, tx.to_cbor_hex(), payer)
+        assert st == 402 and body["error"]["code"] == "payment_pending", body
+        await asyncio.sleep(3.5)
+        blockfrost_server.advance(1)
+        st, body, _ = await _retry(env, inv, str(tx.id), payer)
+        assert st == 200, body
+        st, body, _ = await _retry(env, inv, str(tx.id), payer)
+        assert st == 409, body
+        # an invoice whose payment was made after its expiry still refuses it
+        late = await _invoice(env, payer)
+        await asyncio.sleep(3.5)
+        tx2 = _payment(blockfrost_server, env, payer)
+        tx2_id = await env.tw.rt.payments.invoices.cardano_rail.submit(tx2.to_cbor_hex())
+        blockfrost_server.advance(1)
+        st, body, _ = await _retry(env, late, tx2_id, payer)
+        assert st == 402 and body["error"]["code"] == "invoice_expired", body
+        assert len(await _deposits(env)) == 1
+        await _ledger_clean(env)
+    finally:
+        await env.tw.close()
