@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 
 from billing.errors import BillingError
 from billing.payer_proof import normalize_payer, wallet_owner
-from ledger.db import Store
+from ledger.db import Store, Tx
 from ledger.journal import now_ms
 from ledger.writer import GroupCommitWriter
 
@@ -189,3 +189,14 @@ def _siwe_valid(message: str, signature: str, nonce: str, domain: str) -> bool:
         return True
     except Exception:  # any parse or signature failure is a refusal
         return False
+
+
+async def expire_challenges(tx: Tx, now: int, limit: int = 1000) -> int:
+    """Forget challenges past their life: used or not, they can claim nothing more,
+    and a flood of unanswered ones must not grow the table for ever."""
+    return await tx.execute(
+        "DELETE FROM wallet_challenges WHERE nonce IN"
+        " (SELECT nonce FROM wallet_challenges WHERE expires_at < $1 LIMIT $2)",
+        now,
+        limit,
+    )

@@ -20,6 +20,7 @@ import aiohttp
 from aiohttp import web
 
 from billing.metering import Meter, Ticket
+from billing.wallet_signin import expire_challenges
 from config import Settings
 from config.netpolicy import PolicyResolver, check_url
 from ledger.db import Store, Tx, open_store
@@ -247,6 +248,10 @@ async def sweep_expired_holds(rt: Runtime, interval: float = 10.0) -> None:
                 log.warning("voided %d expired hold(s)", n)
         except Exception:
             log.exception("expired-hold sweep failed")
+        try:
+            await rt.writer.submit(lambda tx: expire_challenges(tx, now_ms()))
+        except Exception:
+            log.exception("expired-challenge sweep failed")
         await asyncio.sleep(interval)
 
 

@@ -534,3 +534,23 @@ async def test_money_granted_to_an_unminted_owner_id_is_not_for_the_first_minter
     key = await sign_in(tw, wallet)
     st, bal, _ = await tw.api("GET", "/api/v1/wallet/balance", key)
     assert bal["balances"][0]["available_units"] == 1_000_000
+
+
+async def test_expired_sign_in_challenges_are_swept(tmp_path, db_url: str):
+    tw = await start_inprocess(db_url, tmp=str(tmp_path), hold_sweep_interval_seconds=0.2)
+    try:
+        for _ in range(5):
+            st, _, _ = await tw.api(
+                "POST", "/api/v1/auth/challenge", json={"address": Account.create().address}
+            )
+            assert st == 201
+        store = tw.rt.store
+        assert await store.fetchval("SELECT COUNT(*) FROM wallet_challenges") == 5
+        await store.execute("UPDATE wallet_challenges SET expires_at = 1")
+        for _ in range(50):
+            if await store.fetchval("SELECT COUNT(*) FROM wallet_challenges") == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert await store.fetchval("SELECT COUNT(*) FROM wallet_challenges") == 0
+    finally:
+        await tw.close()
