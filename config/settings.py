@@ -91,6 +91,8 @@ class Settings:
     service_cache_ttl_seconds: float = 5.0
     idempotency_window_seconds: int = 24 * 3600
     ledger_batch_max: int = 512
+    # Ledger operations that may wait for a commit; past it, calls get 503 (0: 20 batches).
+    ledger_queue_max: int = 0
     # Group-commit flushers per process; 0 picks 2 on PostgreSQL, 1 on SQLite.
     ledger_writers: int = 0
     receipts_dir: str = "./data/receipts"
@@ -241,6 +243,7 @@ def validate(s: Settings) -> Settings:
     )
     _check("hold_sweep_interval_seconds", s.hold_sweep_interval_seconds > 0, "must be positive")
     _check("ledger_batch_max", 1 <= s.ledger_batch_max <= 10000, "must be 1..10000")
+    _check("ledger_queue_max", s.ledger_queue_max >= 0, "must be 0 (auto) or more")
     _check("ledger_writers", 0 <= s.ledger_writers <= 64, "must be 0 (auto) to 64")
     _check(
         "admin_key",

@@ -22,6 +22,10 @@ class BatchObserver(Protocol):
     def __call__(self, size: int, seconds: float, queue_depth: int) -> None: ...
 
 
+class WriterOverloaded(Exception):
+    """The write queue is full: the database is not keeping up; retry shortly."""
+
+
 class GroupCommitWriter:
     def __init__(
         self,
@@ -30,6 +34,7 @@ class GroupCommitWriter:
         max_batch: int = 512,
         observer: BatchObserver | None = None,
         concurrency: int = 1,
+        max_queue: int = 0,
     ):
         self.store = store
         self.max_batch = max_batch
@@ -39,6 +44,9 @@ class GroupCommitWriter:
         # has one writer anyway, so one flusher.
         self.concurrency = max(1, concurrency)
         self._queue: list[tuple[Op, asyncio.Future[Any]]] = []
+        # Past this many waiting operations a new one is refused at once (the caller
+        # answers 503) instead of queueing without bound behind a slow database.
+        self.max_queue = max_queue or 20 * max_batch
         self._wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
@@ -67,6 +75,8 @@ class GroupCommitWriter:
         """Run ``op`` in the next batch; raises what the op raised."""
         if self._closing:
             raise RuntimeError("ledger writer is closed")
+        if len(self._queue) >= self.max_queue:
+            raise WriterOverloaded(f"{len(self._queue)} ledger operations already waiting")
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append((op, fut))
         self._wakeup.set()

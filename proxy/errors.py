@@ -12,7 +12,8 @@ from aiohttp import web
 
 from billing.errors import BillingError, UpstreamRailError
 from config.redact import scrub
-from ledger.db import store_unavailable
+from ledger.db import GuardFailed, store_unavailable
+from ledger.writer import WriterOverloaded
 from proxy.body import BodyError, parse_json_object, read_whole
 
 log = logging.getLogger("tollway")
@@ -136,7 +137,16 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
             headers={k: v for k, v in e.headers.items() if k.lower() in ("allow", "retry-after")},
         )
     except Exception as exc:
-        if store_unavailable(exc):
+        if isinstance(exc, (WriterOverloaded, GuardFailed)):
+            # A full write queue, or a balance raced past every retry: load, not a fault.
+            log.warning("ledger busy on %s %s: %r", request.method, request.path, exc)
+            resp = error_response(
+                503,
+                "ledger_busy",
+                "the ledger is busy; retry shortly",
+                headers={"Retry-After": "1"},
+            )
+        elif store_unavailable(exc):
             log.warning("database unavailable on %s %s: %r", request.method, request.path, exc)
             resp = error_response(
                 503,

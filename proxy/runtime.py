@@ -174,6 +174,7 @@ async def build_runtime(settings: Settings, store: Store | None = None) -> Runti
         max_batch=settings.ledger_batch_max,
         observer=metrics.observe_batch,
         concurrency=writers,
+        max_queue=settings.ledger_queue_max,
     )
     writer.start()
     providers: dict[str, int] = {

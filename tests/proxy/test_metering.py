@@ -424,3 +424,30 @@ async def test_metrics_are_whole_with_two_workers(
             assert "tollway_holds_expired_total" in text
     finally:
         await tw.close()
+
+
+async def test_a_full_ledger_queue_answers_503_never_500(tmp_path, upstream: Upstream):
+    """Overload: past ledger_queue_max waiting operations a call is refused at once with
+    503 and Retry-After (bounded memory, an honest answer), and the books stay whole."""
+    tw = await start_inprocess(
+        f"sqlite:///{tmp_path}/q.db", tmp=str(tmp_path), ledger_queue_max=4, ledger_batch_max=1
+    )
+    try:
+        sid, b = await _priced(tw, upstream, "0.01", credit="10.00")
+        results = await _spread(tw, [tw.base], sid, "ok", b, 200)
+        statuses = [r[0] for r in results]
+        assert set(statuses) <= {200, 503}, set(statuses)
+        assert statuses.count(503) > 0 and statuses.count(200) > 0
+        for st, body, h in results:
+            if st == 503:
+                assert (
+                    h["Retry-After"] == "1" and json.loads(body)["error"]["code"] == "ledger_busy"
+                )
+        served = statuses.count(200)
+        balance = await tw.rt.store.fetchval(
+            "SELECT balance FROM accounts WHERE id = $1", j.wallet("buyer", "USDC").id
+        )
+        assert int(balance) == 10_000_000 - 10_000 * served
+    finally:
+        await tw.close()
+    assert ledger_verify(f"sqlite:///{tmp_path}/q.db").returncode == 0
