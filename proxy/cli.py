@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -80,8 +81,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _supervise(settings: Settings, args: argparse.Namespace) -> int:
     """Run N worker processes on one port (SO_REUSEPORT); restart any that dies."""
+    made_metrics_dir = None
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="tollway-metrics-")
+        made_metrics_dir = tempfile.mkdtemp(prefix="tollway-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = made_metrics_dir
+    try:
+        return _run_workers(settings, args)
+    finally:
+        if made_metrics_dir is not None:
+            shutil.rmtree(made_metrics_dir, ignore_errors=True)
+
+
+def _worker_exited(pid: int) -> None:
+    """A dead worker's live gauges leave the shared metrics (its counters stay summed)."""
+    from prometheus_client import multiprocess
+
+    try:
+        multiprocess.mark_process_dead(pid)
+    except Exception:
+        logging.getLogger("tollway").exception("could not mark worker %d dead in metrics", pid)
+
+
+def _run_workers(settings: Settings, args: argparse.Namespace) -> int:
     _run(_migrate(settings))  # once, before workers race for it
     argv = [sys.executable, "-m", "proxy.cli", "serve", "--worker-child"]
     for flag in ("config", "host", "port", "database_url"):
@@ -109,12 +130,15 @@ def _supervise(settings: Settings, args: argparse.Namespace) -> int:
                     c.wait(timeout=35)
                 except subprocess.TimeoutExpired:
                     c.kill()
+                    c.wait()
+                _worker_exited(c.pid)
             return 0
         for i, c in enumerate(children):
             if c.poll() is not None and not stopping:
                 logging.getLogger("tollway").warning(
                     "worker %d exited with %s; restarting", c.pid, c.returncode
                 )
+                _worker_exited(c.pid)
                 time.sleep(0.5)
                 children[i] = subprocess.Popen(argv)
         time.sleep(0.2)
