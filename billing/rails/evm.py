@@ -12,7 +12,10 @@ logs, block); nothing a client says about a payment is taken on trust.
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import re
+import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +28,7 @@ from web3.exceptions import (
     TimeExhausted,
     TransactionNotFound,
     Web3Exception,
+    Web3RPCError,
 )
 
 from billing.errors import PaymentConflict, PaymentRejected, PayoutFailed, UpstreamRailError
@@ -421,13 +425,23 @@ class EvmClient:
         """
         await self.chain_id()
         lock = self._send_locks.setdefault(account.address, asyncio.Lock())
-        async with lock:
-            nonce = await self.w3.eth.get_transaction_count(account.address, "pending")
-            tx = await call.build_transaction(
-                {"from": account.address, "nonce": nonce, "chainId": await self.chain_id()}
-            )
-            signed = account.sign_transaction(tx)
-            tx_hash = _hex(await self.w3.eth.send_raw_transaction(signed.raw_transaction))
+        async with lock, _HostNonceLock(account.address):
+            for attempt in range(_NONCE_ATTEMPTS):
+                nonce = await self.w3.eth.get_transaction_count(account.address, "pending")
+                tx = await call.build_transaction(
+                    {"from": account.address, "nonce": nonce, "chainId": await self.chain_id()}
+                )
+                signed = account.sign_transaction(tx)
+                try:
+                    raw_hash = await self.w3.eth.send_raw_transaction(signed.raw_transaction)
+                except Web3RPCError as exc:
+                    # Another host sent from this address with the same nonce first: the
+                    # node refused ours, nothing of it was broadcast, so sign again.
+                    if _nonce_taken(exc) and attempt + 1 < _NONCE_ATTEMPTS:
+                        continue
+                    raise
+                tx_hash = _hex(raw_hash)
+                break
         try:
             receipt = await self.w3.eth.wait_for_transaction_receipt(
                 tx_hash, timeout=self._receipt_timeout, poll_latency=self._poll_interval
@@ -500,6 +514,45 @@ class EvmClient:
             raise PaymentRejected(exc.message, code="settlement_failed") from exc
         except (TimeoutError, OSError, Web3Exception) as exc:
             raise UpstreamRailError(f"EVM node error during settlement: {exc}") from exc
+
+
+_NONCE_ATTEMPTS = 4
+_NONCE_TAKEN = (
+    "nonce too low",
+    "already known",
+    "replacement transaction underpriced",
+    "invalid transaction nonce",
+)
+
+
+def _nonce_taken(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return any(m in text for m in _NONCE_TAKEN)
+
+
+class _HostNonceLock:
+    """Serializes nonce lookup and broadcast for one address across the processes of
+    one host (``--workers N``) with an advisory file lock; across hosts the node's
+    refusal of a taken nonce is retried above."""
+
+    def __init__(self, address: str):
+        folder = os.path.join(tempfile.gettempdir(), "tollway-nonces")
+        os.makedirs(folder, exist_ok=True)
+        self.path = os.path.join(folder, address.lower())
+        self.fd = -1
+
+    async def __aenter__(self) -> None:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                await asyncio.sleep(0.01)  # another worker is sending from this address
+
+    async def __aexit__(self, *exc: object) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
 
 
 def _authorization_revert(reason: str) -> PaymentRejected | PaymentConflict:

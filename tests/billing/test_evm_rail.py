@@ -482,3 +482,48 @@ def test_node_runs_as_its_own_process() -> None:
     finally:
         proc.terminate()
         assert proc.wait(timeout=10) == 0
+
+
+async def test_payouts_from_two_processes_take_distinct_nonces(
+    node: JsonRpcServer, chain: EvmChain, usdc: str, hot_wallet: LocalAccount, tmp_path
+) -> None:
+    """`--workers N` share one hot wallet: nonces are allocated across processes (a
+    host-wide lock, and the node's refusal of a taken nonce retried), so concurrent
+    payouts from two processes all land."""
+    import asyncio
+    import json
+    import sys
+
+    dests = [[Account.create().address for _ in range(5)] for _ in range(2)]
+    script = (
+        "import asyncio, json, sys\n"
+        "from billing.rails.evm import EvmClient\n"
+        "async def main():\n"
+        "    c = EvmClient(sys.argv[1], hot_wallet_key=sys.argv[2], payout_token=sys.argv[3],"
+        " poll_interval=0.02)\n"
+        "    dests = json.loads(sys.argv[4])\n"
+        "    out = await asyncio.gather(*(c.send_token(d, 100) for d in dests),"
+        " return_exceptions=True)\n"
+        "    await c.close()\n"
+        "    print(json.dumps([str(x) for x in out]))\n"
+        "asyncio.run(main())\n"
+    )
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            script,
+            node.url,
+            hot_wallet.key.hex(),
+            usdc,
+            json.dumps(d),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        for d in dests
+    ]
+    outs = [await p.communicate() for p in procs]
+    hashes = [h for out, _ in outs for h in json.loads(out)]
+    assert all(h.startswith("0x") for h in hashes), (hashes, [e for _, e in outs])
+    assert len(set(hashes)) == 10
+    assert all(chain.token_balance(usdc, d) == 100 for group in dests for d in group)
