@@ -68,11 +68,13 @@ def pg_admin(sql: str, base_url: str) -> None:
     asyncio.run(go())
 
 
-def redis_flush(url: str) -> None:
+def redis_forget(url: str, prefix: str) -> None:
+    """Delete this run's keys only: the Redis may be shared with other programs."""
     import redis  # noqa: PLC0415
 
     r = redis.Redis.from_url(url, socket_timeout=5)
-    r.flushdb()
+    for key in r.scan_iter(match=prefix + "*", count=1000):
+        r.delete(key)
     r.close()
 
 
@@ -108,6 +110,7 @@ class TollwayInstance:
         self.pg_base = pg_base.rstrip("/")
         self.redis_url = f"{redis_base.rstrip('/')}/{redis_db}"
         self.dbname = f"tollway_bench_{stamp}_{mode.name}".replace("-", "_").lower()
+        self.redis_prefix = f"tollway-bench:{stamp}:{mode.name}:"
         self.port = 0
         self.admin = f"benchadmin:{secrets.token_hex(16)}"
         self.log = workdir / f"tollway-{mode.name}.log"
@@ -135,9 +138,9 @@ class TollwayInstance:
         else:
             pg_admin(f'DROP DATABASE IF EXISTS "{self.dbname}" WITH (FORCE)', self.pg_base)
             pg_admin(f'CREATE DATABASE "{self.dbname}"', self.pg_base)
-            redis_flush(self.redis_url)
             self.db_url = f"{self.pg_base}/{self.dbname}"
             env["TOLLWAY_REDIS_URL"] = self.redis_url
+            env["TOLLWAY_REDIS_KEY_PREFIX"] = self.redis_prefix
         env["TOLLWAY_DATABASE_URL"] = self.db_url
         return env
 
@@ -160,7 +163,7 @@ class TollwayInstance:
             except Exception:  # noqa: BLE001 - best effort at the end of a run
                 pass
             try:
-                redis_flush(self.redis_url)
+                redis_forget(self.redis_url, self.redis_prefix)
             except Exception:  # noqa: BLE001
                 pass
         else:
