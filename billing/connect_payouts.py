@@ -4,7 +4,8 @@
   asks Stripe for the transfer; a refused transfer is reversed by a new journal
   entry; an unknown outcome is looked up by transfer group before deciding.
 - From a wallet, the debit's transaction also refuses a frozen wallet and card
-  money that has not settled (``billing.card_funds.guard_withdrawal``).
+  money that has not settled (``billing.card_funds.guard_withdrawal``); a
+  reversed debit that credits the wallet back pays the owner's debt first.
 - From a provider's earnings it pays settlements (see ``billing.settlements``):
   its amount is their net, they are claimed (``paying``) in the debit's
   transaction, completed with the Stripe transfer id when the transfer is
@@ -268,6 +269,12 @@ class ConnectPayouts:
                 ),
                 now=now,
             )
+            if kind == "wallet":
+                # Money back in a wallet whose owner fell into debt meanwhile (a
+                # refund or dispute while the transfer was pending) pays that first.
+                await card_funds.settle_debt(
+                    tx, owner, w["asset"], now, ref=f"connect_reversal:{wid}"
+                )
             # The settlements it was to pay are unpaid again, with their money back.
             await stl.release_payout(tx, wid)
 

@@ -150,13 +150,35 @@ class CreditEvent:
 
 
 @dataclass(frozen=True, slots=True)
-class ReversalEvent:
-    """Card money taken back by Stripe: a refund or a dispute (chargeback) of the charge
-    of ``payment_intent_id``.
+class ReversalPart:
+    """One refund or dispute of a charge, as an event shows it (amounts in minor units).
 
-    For a refund, ``amount_cents`` is the charge's ``amount_refunded``: the running
-    total of its refunds, not this refund alone. For a dispute it is the disputed
-    amount. ``kind`` is ``"refund"`` or ``"dispute"``.
+    ``taken_cents`` is what it takes from the platform now: a refund's amount while
+    it counts (``pending``, ``requires_action``, ``succeeded``), 0 once it ``failed``
+    or was ``canceled`` (Stripe returns the funds to the balance); a dispute's
+    amount less the funds reinstated (its ``balance_transactions``), 0 once
+    ``won``. ``final`` marks a status Stripe does not leave (refund failed or
+    canceled, dispute won or lost), so an older snapshot delivered late is ignored.
+    """
+
+    part_id: str
+    kind: str
+    amount_cents: int
+    taken_cents: int
+    status: str
+    final: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ReversalEvent:
+    """Card money taken back by Stripe, or given back: refunds or a dispute (chargeback)
+    of the charge of ``payment_intent_id``. ``kind`` is ``"refund"`` or ``"dispute"``.
+
+    ``parts`` are the refunds or the dispute the event shows, each by id and status.
+    For ``charge.refunded`` (``cumulative``), ``amount_cents`` is the charge's
+    ``amount_refunded``: the running total of its refunds, which also counts refunds
+    the event does not list (API versions since 2022-11-15 do not expand them).
+    Otherwise it is the one refund's or dispute's amount.
     """
 
     event_id: str
@@ -165,6 +187,8 @@ class ReversalEvent:
     amount_cents: int
     currency: str
     event_type: str = ""
+    parts: tuple[ReversalPart, ...] = ()
+    cumulative: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -613,6 +637,82 @@ def _pi_id(value: Any) -> str | None:
     return None
 
 
+# Events carrying a Refund object (``charge.refund.updated`` is sent when a refund
+# fails or is canceled; the ``refund.*`` ones where the endpoint subscribes to them).
+REFUND_EVENTS = ("charge.refund.updated", "refund.created", "refund.updated", "refund.failed")
+# Events carrying a Dispute object: funds are withdrawn when it opens and
+# reinstated when the merchant wins (``closed`` with status ``won``, and
+# ``funds_reinstated``, which also comes for a lost dispute of a partly refunded charge).
+DISPUTE_EVENTS = (
+    "charge.dispute.created",
+    "charge.dispute.updated",
+    "charge.dispute.funds_withdrawn",
+    "charge.dispute.closed",
+    "charge.dispute.funds_reinstated",
+)
+# A refund in these statuses moved no money in the end: Stripe put it back in the balance.
+_REFUND_UNDONE = ("failed", "canceled")
+_DISPUTE_CLOSED = ("won", "lost")
+
+
+def _refund_part(refund: Any) -> ReversalPart | None:
+    if not isinstance(refund, dict) or not isinstance(refund.get("id"), str):
+        return None
+    amount = _int_amount(refund.get("amount"))
+    if not amount or amount < 0:
+        return None
+    status = str(refund.get("status") or "")
+    undone = status in _REFUND_UNDONE
+    return ReversalPart(refund["id"], "refund", amount, 0 if undone else amount, status, undone)
+
+
+def _charge_refunded(event_id: str, etype: str, charge: dict[str, Any]) -> StripeEvent:
+    pi_id = _pi_id(charge.get("payment_intent"))
+    total = _int_amount(charge.get("amount_refunded"))
+    currency = charge.get("currency")
+    # Only listed when the endpoint's API version (before 2022-11-15) or an
+    # expansion includes them; unlisted refunds count through amount_refunded.
+    refunds = charge.get("refunds")
+    listed = refunds.get("data") if isinstance(refunds, dict) else None
+    parts = tuple(p for p in map(_refund_part, listed or ()) if p is not None)
+    if not pi_id or total is None or total < 0 or not isinstance(currency, str):
+        return IgnoredEvent(event_id, etype, "no payment intent or amount to take back")
+    if not total and not parts:
+        return IgnoredEvent(event_id, etype, "nothing refunded")
+    return ReversalEvent(
+        event_id, pi_id, "refund", total, currency.lower(), etype, parts, cumulative=True
+    )
+
+
+def _dispute(event_id: str, etype: str, dispute: dict[str, Any]) -> StripeEvent:
+    status = str(dispute.get("status") or "")
+    if status.startswith("warning_"):
+        # An inquiry: no funds are withdrawn unless it becomes a dispute (a new event).
+        return IgnoredEvent(event_id, etype, "inquiry, no funds withdrawn")
+    pi_id = _pi_id(dispute.get("payment_intent"))
+    amount = _int_amount(dispute.get("amount"))
+    currency = dispute.get("currency")
+    if not pi_id or not amount or amount < 0 or not isinstance(currency, str):
+        return IgnoredEvent(event_id, etype, "no payment intent or amount to take back")
+    if not isinstance(dispute.get("id"), str):
+        return IgnoredEvent(event_id, etype, "dispute without id")
+    currency = currency.lower()
+    # Reinstatements are the positive balance transactions; only those in the
+    # dispute's own currency can be compared with its amount (a platform settling
+    # in another currency keeps the whole amount taken unless the dispute is won).
+    reinstated = sum(
+        bt["amount"]
+        for bt in dispute.get("balance_transactions") or ()
+        if isinstance(bt, dict)
+        and _int_amount(bt.get("amount")) is not None
+        and bt["amount"] > 0
+        and str(bt.get("currency") or "").lower() == currency
+    )
+    taken = 0 if status == "won" else max(0, amount - reinstated)
+    part = ReversalPart(dispute["id"], "dispute", amount, taken, status, status in _DISPUTE_CLOSED)
+    return ReversalEvent(event_id, pi_id, "dispute", amount, currency, etype, (part,))
+
+
 def normalize_event(event: dict[str, Any]) -> StripeEvent:
     """Turn a verified Stripe event (as a plain dict) into what billing acts on.
 
@@ -662,18 +762,18 @@ def normalize_event(event: dict[str, Any]) -> StripeEvent:
             return IgnoredEvent(event_id, etype, "payment intent missing id or amount")
         return CreditEvent(event_id, pi_id, owner_id, amount, currency.lower(), etype)
 
-    if etype in ("charge.refunded", "charge.dispute.created"):
-        refund = etype == "charge.refunded"
-        if not refund and str(obj.get("status") or "").startswith("warning_"):
-            # An inquiry: no funds are withdrawn unless it becomes a dispute (a new event).
-            return IgnoredEvent(event_id, etype, "inquiry, no funds withdrawn")
-        pi_id = _pi_id(obj.get("payment_intent"))
-        amount = _int_amount(obj.get("amount_refunded" if refund else "amount"))
-        currency = obj.get("currency")
-        if not pi_id or not amount or amount < 0 or not isinstance(currency, str):
-            return IgnoredEvent(event_id, etype, "no payment intent or amount to take back")
-        kind = "refund" if refund else "dispute"
-        return ReversalEvent(event_id, pi_id, kind, amount, currency.lower(), etype)
+    if etype == "charge.refunded":
+        return _charge_refunded(event_id, etype, obj)
+    if etype in REFUND_EVENTS:
+        part = _refund_part(obj)
+        pi_id, currency = _pi_id(obj.get("payment_intent")), obj.get("currency")
+        if part is None or not pi_id or not isinstance(currency, str):
+            return IgnoredEvent(event_id, etype, "no payment intent or refund")
+        return ReversalEvent(
+            event_id, pi_id, "refund", part.amount_cents, currency.lower(), etype, (part,)
+        )
+    if etype in DISPUTE_EVENTS:
+        return _dispute(event_id, etype, obj)
 
     return IgnoredEvent(event_id, etype)
 
@@ -687,6 +787,7 @@ __all__ = [
     "IgnoredEvent",
     "OffSessionCharge",
     "ReversalEvent",
+    "ReversalPart",
     "SetupCompletedEvent",
     "SetupSession",
     "StripeEvent",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from billing import card_funds
 from billing.money import AmountError, format_amount, parse_amount
 from billing.owners import canonical_owner_id
 from ledger import journal as j
@@ -47,7 +48,12 @@ async def admin_credit(request: web.Request) -> web.Response:
             owner,
             now_ms(),
         )
-        return await ops.credit(tx, credit)
+        res = await ops.credit(tx, credit)
+        if not res["replayed"]:
+            # An owner in debt for card money taken back pays it first, as with
+            # any credit (billing.card_funds); a replay already did.
+            await card_funds.settle_debt(tx, owner, asset, now_ms(), ref=res["transfer_id"])
+        return res
 
     try:
         res = await rt.writer.submit(op)

@@ -1,7 +1,7 @@
 """Stripe routes: top-up, saved card, auto top-up, the webhook, and Connect onboarding.
 
-The rail, the ``Topups`` service and the ``ConnectPayouts`` service are built
-at start-up only when Stripe is configured (api key and webhook secret);
+The rail, the ``Topups``, ``AutoTopups`` and ``ConnectPayouts`` services are
+built at start-up only when Stripe is configured (api key and webhook secret);
 otherwise every route here answers 503 with a clear JSON error. The auto
 top-up worker and the Connect reconciler run as background tasks of this
 process and the finish hook is added to the meter here.
@@ -15,6 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
+from billing.auto_topups import AutoTopups
 from billing.connect_payouts import ConnectConfig, ConnectPayouts
 from billing.money import AmountError, format_amount, parse_amount
 from billing.rails.stripe_rail import StripeRail, StripeRailConfig
@@ -41,6 +42,13 @@ def topups_of(rt: Runtime) -> Topups:
     if t is None:
         raise _not_configured()
     return t
+
+
+def auto_topups_of(rt: Runtime) -> AutoTopups:
+    a: AutoTopups | None = getattr(rt, "auto_topups", None)
+    if a is None:
+        raise _not_configured()
+    return a
 
 
 def connect_payouts_of(rt: Runtime) -> ConnectPayouts:
@@ -104,9 +112,9 @@ def _auto_view(rt: Runtime, state: dict[str, Any] | None) -> dict[str, Any]:
 
 
 async def configure_auto_topup(request: web.Request) -> web.Response:
-    rt, topups, key = await _caller(request)
+    rt, _, key = await _caller(request)
     data = await read_json(request)
-    state = await topups.configure_auto_topup(
+    state = await auto_topups_of(rt).configure_auto_topup(
         key.owner_id,
         threshold=_units(rt, data, "threshold", allow_zero=True),
         amount=_units(rt, data, "amount"),
@@ -116,8 +124,9 @@ async def configure_auto_topup(request: web.Request) -> web.Response:
 
 
 async def get_auto_topup(request: web.Request) -> web.Response:
-    rt, topups, key = await _caller(request)
-    return json_response(_auto_view(rt, await topups.auto_topup_state(key.owner_id)))
+    rt, _, key = await _caller(request)
+    state = await auto_topups_of(rt).auto_topup_state(key.owner_id)
+    return json_response(_auto_view(rt, state))
 
 
 # --------------------------------------------------------------------------- webhook
@@ -151,6 +160,7 @@ async def connect_status(request: web.Request) -> web.Response:
 async def on_startup(app: web.Application, rt: Runtime) -> None:
     s = rt.settings
     rt.topups = None  # type: ignore[attr-defined]
+    rt.auto_topups = None  # type: ignore[attr-defined]
     rt.connect_payouts = None  # type: ignore[attr-defined]
     if not (s.stripe_api_key and s.stripe_webhook_secret):
         return
@@ -187,13 +197,15 @@ async def on_startup(app: web.Application, rt: Runtime) -> None:
             decimals=s.asset_decimals,
         ),
     )
-    await topups.refresh_auto_owners()
+    auto = AutoTopups(topups)
+    await auto.refresh_auto_owners()
     rt.topups = topups  # type: ignore[attr-defined]
+    rt.auto_topups = auto  # type: ignore[attr-defined]
     rt.connect_payouts = connect  # type: ignore[attr-defined]
-    rt.meter.finish_hooks.append(topups.finish_hook)
+    rt.meter.finish_hooks.append(auto.finish_hook)
     loop = asyncio.get_running_loop()
     rt.topups_worker = loop.create_task(  # type: ignore[attr-defined]
-        topups.run(), name="auto-topup-worker"
+        auto.run(), name="auto-topup-worker"
     )
     rt.connect_worker = loop.create_task(  # type: ignore[attr-defined]
         connect.run(), name="connect-reconciler"

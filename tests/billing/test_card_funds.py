@@ -8,13 +8,16 @@ on the in-process EVM chain over JSON-RPC, Connect payouts through the Stripe st
 - ``charge.refunded`` and ``charge.dispute.created`` take the card money back, once
   per event and never more than the charge: the wallet goes to zero, what was
   already spent is a debt, the wallet is frozen for withdrawals until later credits
-  (card or chain) have paid the debt;
+  (card, chain, admin, a Connect payout given back) have paid the debt;
+- a won dispute (``charge.dispute.closed``, ``.funds_reinstated``) and a failed or
+  canceled refund give the money back, the debt first, once, never more than taken;
 - ``ledger verify`` is clean after each.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -464,4 +467,311 @@ async def test_a_refund_that_arrives_before_its_credit_is_applied_by_the_credit(
     assert (await o.wallet(), await o.debt()) == (3_500_000, 0)
     assert await o.deliver(stripe_server.payment_intent_succeeded_event(pi)) == ("already_credited")
     assert await o.wallet() == 3_500_000
+    await assert_ledger_clean(tw)
+    # A refund that failed before the credit came takes nothing when it comes.
+    pi2, completed2 = await o.checkout("2.00")
+    assert await o.deliver(await o.refunded_event(pi2)) == "reversal_pending"
+    refund_id = latest_refund(stripe_server, pi2)
+    stripe_server.fail_refund(refund_id)
+    assert await o.deliver(stripe_server.refund_event(refund_id)) == "reversal_pending"
+    assert await o.deliver(completed2) == "credited"
+    assert (await o.wallet(), await o.debt()) == (5_500_000, 0)
+    assert await card_row(tw, pi2) == (2 * USDC, 0)
+    assert await kinds_total(tw, "card_reinstatement") == 0
+    await assert_ledger_clean(tw)
+
+
+# --------------------------------------------------------------------------- money given back
+
+
+def latest_refund(server: StripeServer, pi: str) -> str:
+    charge = server.charges[server.payment_intents[pi]["latest_charge"]]
+    return charge["refunds"]["data"][0]["id"]
+
+
+async def card_row(tw: InProcess, pi: str) -> tuple[int, int]:
+    row = await tw.rt.store.fetchrow(
+        "SELECT amount, reversed FROM card_funds WHERE payment_intent_id = $1", pi
+    )
+    return int(row["amount"]), int(row["reversed"])
+
+
+@pytest.mark.parametrize(
+    "first,second",
+    [
+        ("charge.dispute.closed", "charge.dispute.funds_reinstated"),
+        ("charge.dispute.funds_reinstated", "charge.dispute.closed"),
+    ],
+)
+async def test_won_dispute_after_spending_pays_the_debt_first_then_the_wallet_once(
+    start: Start,
+    stripe_server: StripeServer,
+    chain: EvmChain,
+    usdc: str,
+    deposit_address: str,
+    upstream: Upstream,
+    first: str,
+    second: str,
+) -> None:
+    tw = await start(card_settle_seconds=0)
+    o = await Owner.make(tw, stripe_server, chain, usdc, deposit_address, "winner")
+    service = await priced_service(tw, upstream)
+    pi = await o.topup("10.00")
+    await spend(tw, o, service, 3)
+    dispute = stripe_server.open_dispute(pi)
+    created = stripe_server.dispute_created_event(dispute["id"])
+    assert await o.deliver(created) == "reversed"
+    assert (await o.wallet(), await o.debt()) == (0, 3 * USDC)
+    # A chain deposit pays part of the debt meanwhile.
+    await o.chain_deposit(USDC)
+    assert (await o.wallet(), await o.debt()) == (0, 2 * USDC)
+    assert frozen(*(await o.withdraw("0.01")))
+    await assert_ledger_clean(tw)
+
+    # The merchant wins: Stripe reinstates the 10.00. The 2.00 still owed is paid
+    # from it first, the wallet gets the rest: 10 - 3 spent + 1 deposited.
+    stripe_server.close_dispute(dispute["id"], won=True)
+    won = stripe_server.dispute_event(dispute["id"], first)
+    assert await o.deliver(won) == "reinstated"
+    assert (await o.wallet(), await o.debt()) == (8 * USDC, 0)
+    assert await kinds_total(tw, "card_reinstatement_debt") == 2 * USDC
+    assert await kinds_total(tw, "card_reinstatement") == 8 * USDC
+    assert await card_row(tw, pi) == (10 * USDC, 0)
+    await assert_ledger_clean(tw)
+
+    # Once: the same delivery again, the other event of the win, and the opening
+    # event delivered late (Stripe does not order events) give or take nothing.
+    assert await o.deliver(won) == "duplicate"
+    assert await o.deliver(stripe_server.dispute_event(dispute["id"], second)) == (
+        "already_reinstated"
+    )
+    assert await o.deliver(
+        stripe_server.make_event(created["type"], created["data"]["object"])
+    ) == ("already_reversed")
+    assert (await o.wallet(), await o.debt()) == (8 * USDC, 0)
+    assert await kinds_total(tw, "card_reinstatement") == 8 * USDC
+    # Unfrozen: it can leave again (no settling period here).
+    st, data = await o.withdraw("1.00")
+    assert st == 200 and data["withdrawal"]["status"] == "paid", data
+    assert await o.wallet() == 7 * USDC
+    await assert_ledger_clean(tw)
+
+
+async def test_lost_dispute_of_a_partly_refunded_charge_reinstates_only_the_overlap(
+    start: Start,
+    stripe_server: StripeServer,
+    chain: EvmChain,
+    usdc: str,
+    deposit_address: str,
+    upstream: Upstream,
+) -> None:
+    tw = await start(card_settle_seconds=0)
+    o = await Owner.make(tw, stripe_server, chain, usdc, deposit_address, "partly")
+    service = await priced_service(tw, upstream)
+    pi = await o.topup("10.00")
+    assert await o.deliver(await o.refunded_event(pi, 300)) == "reversed"
+    await spend(tw, o, service, 2)
+    assert await o.wallet() == 5 * USDC
+    # The cardholder disputes the whole 10.00 although 3.00 came back by refund:
+    # never more than the charge is taken.
+    dispute = stripe_server.open_dispute(pi)
+    assert await o.deliver(stripe_server.dispute_created_event(dispute["id"])) == "reversed"
+    assert (await o.wallet(), await o.debt()) == (0, 2 * USDC)
+    # Lost, "partially won": Stripe reinstates the refunded 3.00, which was never
+    # taken twice here, so nothing comes back and the debt stays.
+    stripe_server.close_dispute(dispute["id"], won=False, reinstated=300)
+    event = stripe_server.dispute_event(dispute["id"], "charge.dispute.funds_reinstated")
+    assert await o.deliver(event) == "already_reinstated"
+    closed = stripe_server.dispute_event(dispute["id"], "charge.dispute.closed")
+    assert await o.deliver(closed) == "already_reinstated"
+    assert (await o.wallet(), await o.debt()) == (0, 2 * USDC)
+    assert await card_row(tw, pi) == (10 * USDC, 10 * USDC)
+    assert await kinds_total(tw, "card_reinstatement") == 0
+    await assert_ledger_clean(tw)
+
+
+async def test_failed_or_canceled_refund_gives_its_amount_back_debt_first(
+    start: Start,
+    stripe_server: StripeServer,
+    chain: EvmChain,
+    usdc: str,
+    deposit_address: str,
+    upstream: Upstream,
+) -> None:
+    tw = await start(card_settle_seconds=0)
+    o = await Owner.make(tw, stripe_server, chain, usdc, deposit_address, "bounced")
+    service = await priced_service(tw, upstream)
+    pi = await o.topup("10.00")
+    await spend(tw, o, service, 2)
+    refunded = await o.refunded_event(pi)
+    assert await o.deliver(refunded) == "reversed"
+    assert (await o.wallet(), await o.debt()) == (0, 2 * USDC)
+    for method in ("onchain", "stripe_connect"):
+        assert frozen(*(await o.withdraw("0.01", method)))
+
+    # The card was closed: the refund fails and Stripe gets the 10.00 back.
+    refund_id = latest_refund(stripe_server, pi)
+    stripe_server.fail_refund(refund_id)
+    # Two events of the failure at once (charge.refund.updated, refund.failed): once.
+    updated = stripe_server.refund_event(refund_id)
+    also = stripe_server.refund_event(refund_id, "refund.failed")
+    outcomes = await asyncio.gather(o.deliver(updated), o.deliver(also))
+    assert sorted(outcomes) == ["already_reinstated", "reinstated"]
+    assert (await o.wallet(), await o.debt()) == (8 * USDC, 0)
+    assert await kinds_total(tw, "card_reinstatement_debt") == 2 * USDC
+    assert await kinds_total(tw, "card_reinstatement") == 8 * USDC
+    await assert_ledger_clean(tw)
+    # Once: a redelivery, and the refund's charge.refunded (still "succeeded")
+    # delivered after the failure change nothing.
+    assert await o.deliver(updated) == "duplicate"
+    late = stripe_server.make_event("charge.refunded", refunded["data"]["object"])
+    assert await o.deliver(late) == "already_reversed"
+    assert (await o.wallet(), await o.debt()) == (8 * USDC, 0)
+    st, data = await o.withdraw("1.00")
+    assert st == 200 and data["withdrawal"]["status"] == "paid", data
+
+    # A refund that waited for action and was canceled gives back likewise.
+    assert await o.wallet() == 7 * USDC
+    stripe_server.refund(pi, 400, status="requires_action")
+    assert await o.deliver(stripe_server.charge_refunded_event(pi)) == "reversed"
+    assert await o.wallet() == 3 * USDC
+    canceled = latest_refund(stripe_server, pi)
+    stripe_server.fail_refund(canceled, status="canceled")
+    assert await o.deliver(stripe_server.refund_event(canceled)) == "reinstated"
+    assert (await o.wallet(), await o.debt()) == (7 * USDC, 0)
+    assert await card_row(tw, pi) == (10 * USDC, 0)
+    await assert_ledger_clean(tw)
+
+
+async def test_refund_failed_refund_and_new_refund_never_take_more_than_the_charge(
+    start: Start, stripe_server: StripeServer, chain: EvmChain, usdc: str, deposit_address: str
+) -> None:
+    tw = await start()
+    o = await Owner.make(tw, stripe_server, chain, usdc, deposit_address, "again")
+    pi = await o.topup("10.00")
+    first = await o.refunded_event(pi)
+    assert await o.deliver(first) == "reversed"
+    refund_id = latest_refund(stripe_server, pi)
+    stripe_server.fail_refund(refund_id)
+    assert await o.deliver(stripe_server.refund_event(refund_id)) == "reinstated"
+    assert await o.wallet() == 10 * USDC
+    # The merchant refunds again (to another card): the whole charge once more.
+    second = await o.refunded_event(pi)
+    assert await o.deliver(second) == "reversed"
+    assert (await o.wallet(), await o.debt()) == (0, 0)
+    assert await card_row(tw, pi) == (10 * USDC, 10 * USDC)
+    # Nothing on top: the first charge.refunded again (a new event id with the old
+    # snapshot), the running total alone (an API version that lists no refunds),
+    # a dispute of the whole charge.
+    stale = stripe_server.make_event("charge.refunded", first["data"]["object"])
+    assert await o.deliver(stale) == "already_reversed"
+    bare = stripe_server.make_event(
+        "charge.refunded", {**second["data"]["object"], "refunds": None}
+    )
+    assert await o.deliver(bare) == "already_reversed"
+    dispute = stripe_server.open_dispute(pi)
+    assert await o.deliver(stripe_server.dispute_created_event(dispute["id"])) == (
+        "already_reversed"
+    )
+    taken = await kinds_total(tw, "card_reversal") + await kinds_total(tw, "card_reversal_debt")
+    given = await kinds_total(tw, "card_reinstatement") + await kinds_total(
+        tw, "card_reinstatement_debt"
+    )
+    assert (taken, given) == (20 * USDC, 10 * USDC)
+    assert (await o.wallet(), await o.debt()) == (0, 0)
+    rows = await tw.rt.store.fetch(
+        "SELECT part_id, kind, status, taken FROM card_reversals WHERE payment_intent_id = $1"
+        " ORDER BY kind, taken",
+        pi,
+    )
+    assert [(r["kind"], r["status"], r["taken"]) for r in rows] == [
+        ("dispute", "needs_response", 10 * USDC),
+        ("refund", "failed", 0),
+        ("refund", "succeeded", 10 * USDC),
+    ]
+    await assert_ledger_clean(tw)
+
+
+# --------------------------------------------------------------------------- other credits pay the debt
+
+
+async def test_admin_credit_to_an_owner_in_debt_pays_the_debt_first(
+    start: Start,
+    stripe_server: StripeServer,
+    chain: EvmChain,
+    usdc: str,
+    deposit_address: str,
+    upstream: Upstream,
+) -> None:
+    tw = await start(card_settle_seconds=0)
+    o = await Owner.make(tw, stripe_server, chain, usdc, deposit_address, "granted")
+    service = await priced_service(tw, upstream)
+    pi = await o.topup("10.00")
+    await spend(tw, o, service, 3)
+    assert await o.deliver(await o.refunded_event(pi)) == "reversed"
+    assert (await o.wallet(), await o.debt()) == (0, 3 * USDC)
+
+    async def admin_credit(amount: str, idem: str) -> tuple[int, dict]:
+        st, body, _ = await tw.api(
+            "POST",
+            "/api/v1/admin/credit",
+            tw.admin,
+            headers={"Idempotency-Key": idem},
+            json={"owner_id": o.owner, "amount": amount},
+        )
+        return st, body
+
+    st, body = await admin_credit("1.00", "grant-1")
+    assert st == 201 and body["balance"] == "0.00", body
+    assert (await o.wallet(), await o.debt()) == (0, 2 * USDC)
+    assert frozen(*(await o.withdraw("0.01")))
+    st, body = await admin_credit("5.00", "grant-2")
+    assert st == 201 and body["balance"] == "3.00", body
+    assert (await o.wallet(), await o.debt()) == (3 * USDC, 0)
+    # A replay credits nothing and repays nothing.
+    st, body = await admin_credit("5.00", "grant-2")
+    assert st == 200 and body["replayed"] and body["balance"] == "3.00", body
+    assert await kinds_total(tw, "debt_repayment") == 3 * USDC
+    assert await kinds_total(tw, "admin_credit") == 6 * USDC
+    st, data = await o.withdraw("1.00")
+    assert st == 200 and data["withdrawal"]["status"] == "paid", data
+    await assert_ledger_clean(tw)
+
+
+async def test_connect_payout_given_back_to_an_owner_in_debt_pays_the_debt_first(
+    start: Start,
+    stripe_server: StripeServer,
+    chain: EvmChain,
+    usdc: str,
+    deposit_address: str,
+    upstream: Upstream,
+) -> None:
+    tw = await start(card_settle_seconds=0)
+    o = await Owner.make(tw, stripe_server, chain, usdc, deposit_address, "payoutee")
+    service = await priced_service(tw, upstream)
+    pi = await o.topup("10.00")
+    await spend(tw, o, service, 2)
+    # Stripe is down: the payout's outcome is unknown, its 5.00 is out of the wallet.
+    stripe_server.fail_next_transfer(status=500, error_type="api_error", code="", message="boom")
+    st, data = await o.withdraw("5.00", "stripe_connect")
+    assert st == 202 and data["withdrawal"]["status"] == "unknown", data
+    assert await o.wallet() == 3 * USDC
+    # Meanwhile the card payment is disputed: 3.00 from the wallet, 7.00 owed.
+    dispute = stripe_server.open_dispute(pi)
+    assert await o.deliver(stripe_server.dispute_created_event(dispute["id"])) == "reversed"
+    assert (await o.wallet(), await o.debt()) == (0, 7 * USDC)
+    await assert_ledger_clean(tw)
+
+    # The transfer never happened: the payout is reversed, and the 5.00 that comes
+    # back pays the debt before anything else.
+    connect = tw.rt.connect_payouts  # type: ignore[attr-defined]
+    connect.config = dataclasses.replace(connect.config, unknown_grace_seconds=0)
+    await connect.reconcile()
+    st, body, _ = await tw.api("GET", "/api/v1/wallet/withdrawals", o.key)
+    assert [w["status"] for w in body["withdrawals"]] == ["reversed"], body
+    assert (await o.wallet(), await o.debt()) == (0, 2 * USDC)
+    assert await kinds_total(tw, "connect_payout_reversal") == 5 * USDC
+    assert await kinds_total(tw, "debt_repayment") == 5 * USDC
+    assert o.sent_by_connect() == 0
+    assert frozen(*(await o.withdraw("0.01", "stripe_connect")))
     await assert_ledger_clean(tw)

@@ -22,6 +22,7 @@ from billing.rails.stripe_rail import (
     IgnoredEvent,
     OffSessionCharge,
     ReversalEvent,
+    ReversalPart,
     SetupCompletedEvent,
     StripeRail,
     WebhookRejected,
@@ -277,21 +278,24 @@ async def test_refunds_and_disputes_parse_to_reversals_of_the_payment_intent(
     def parsed(event: dict) -> object:
         return stripe_rail.parse_webhook(*stripe_server.signed(event))
 
-    stripe_server.refund(pi_id, 1000)
+    re_1000 = stripe_server.refund(pi_id, 1000)["refunds"]["data"][0]["id"]
     first = stripe_server.charge_refunded_event(pi_id)
-    stripe_server.refund(pi_id, 500)
+    re_500 = stripe_server.refund(pi_id, 500)["refunds"]["data"][0]["id"]
     second = stripe_server.charge_refunded_event(pi_id)
-    # amount_refunded is the charge's running total, not the refund alone.
+    part_1000 = ReversalPart(re_1000, "refund", 1000, 1000, "succeeded", False)
+    part_500 = ReversalPart(re_500, "refund", 500, 500, "succeeded", False)
+    # amount_refunded is the charge's running total; each listed refund is a part.
     assert parsed(first) == ReversalEvent(
-        first["id"], pi_id, "refund", 1000, "usd", "charge.refunded"
+        first["id"], pi_id, "refund", 1000, "usd", "charge.refunded", (part_1000,), True
     )
     assert parsed(second) == ReversalEvent(
-        second["id"], pi_id, "refund", 1500, "usd", "charge.refunded"
+        second["id"], pi_id, "refund", 1500, "usd", "charge.refunded", (part_500, part_1000), True
     )
     dispute = stripe_server.open_dispute(pi_id)
     event = stripe_server.dispute_created_event(dispute["id"])
+    dp = ReversalPart(dispute["id"], "dispute", 2500, 2500, "needs_response", False)
     assert parsed(event) == ReversalEvent(
-        event["id"], pi_id, "dispute", 2500, "usd", "charge.dispute.created"
+        event["id"], pi_id, "dispute", 2500, "usd", "charge.dispute.created", (dp,)
     )
     # An inquiry withdraws no funds; a charge made outside PaymentIntents names none.
     inquiry = stripe_server.open_dispute(pi_id, status="warning_needs_response")
@@ -305,6 +309,64 @@ async def test_refunds_and_disputes_parse_to_reversals_of_the_payment_intent(
         "payment_intent": None,
     }
     assert isinstance(parsed(stripe_server.make_event("charge.refunded", legacy)), IgnoredEvent)
+
+
+async def test_failed_refunds_and_won_disputes_parse_to_parts_that_take_nothing(
+    stripe_rail: StripeRail, stripe_server: StripeServer
+) -> None:
+    _, pi_id = await _paid_topup(stripe_rail, stripe_server, 2500)
+
+    def parsed(event: dict) -> object:
+        return stripe_rail.parse_webhook(*stripe_server.signed(event))
+
+    charge = stripe_server.refund(pi_id, 1000)
+    refund_id = charge["refunds"]["data"][0]["id"]
+    stripe_server.fail_refund(refund_id)
+    # charge.refund.updated carries the Refund (with what changed); refund.failed too.
+    updated = stripe_server.refund_event(refund_id)
+    assert updated["data"]["previous_attributes"]["status"] == "succeeded"
+    gone = ReversalPart(refund_id, "refund", 1000, 0, "failed", True)
+    assert parsed(updated) == ReversalEvent(
+        updated["id"], pi_id, "refund", 1000, "usd", "charge.refund.updated", (gone,)
+    )
+    failed = stripe_server.refund_event(refund_id, "refund.failed")
+    assert parsed(failed) == ReversalEvent(
+        failed["id"], pi_id, "refund", 1000, "usd", "refund.failed", (gone,)
+    )
+    # A charge.refunded sent after the failure lists the refund as failed, and the
+    # charge's amount_refunded no longer counts it.
+    after = parsed(stripe_server.charge_refunded_event(pi_id))
+    assert isinstance(after, ReversalEvent) and (after.amount_cents, after.parts) == (0, (gone,))
+    # On an API version that does not list refunds, the running total alone.
+    charge = stripe_server.refund(pi_id, 300)
+    bare = stripe_server.make_event("charge.refunded", {**charge, "refunds": None})
+    assert parsed(bare) == ReversalEvent(
+        bare["id"], pi_id, "refund", 300, "usd", "charge.refunded", (), True
+    )
+
+    dispute = stripe_server.open_dispute(pi_id)
+    stripe_server.close_dispute(dispute["id"], won=True)
+    won = ReversalPart(dispute["id"], "dispute", 2500, 0, "won", True)
+    for etype in ("charge.dispute.closed", "charge.dispute.funds_reinstated"):
+        event = stripe_server.dispute_event(dispute["id"], etype)
+        # Funds withdrawn, then reinstated: two balance transactions.
+        assert [bt["amount"] for bt in event["data"]["object"]["balance_transactions"]] == [
+            -2500,
+            2500,
+        ]
+        assert parsed(event) == ReversalEvent(
+            event["id"], pi_id, "dispute", 2500, "usd", etype, (won,)
+        )
+    # Lost, but the refunded part of a partly refunded charge comes back: the
+    # dispute takes the rest.
+    _, pi2 = await _paid_topup(stripe_rail, stripe_server, 2000)
+    lost = stripe_server.open_dispute(pi2)
+    stripe_server.close_dispute(lost["id"], won=False, reinstated=500)
+    event = stripe_server.dispute_event(lost["id"], "charge.dispute.funds_reinstated")
+    part = ReversalPart(lost["id"], "dispute", 2000, 1500, "lost", True)
+    assert parsed(event) == ReversalEvent(
+        event["id"], pi2, "dispute", 2000, "usd", "charge.dispute.funds_reinstated", (part,)
+    )
 
 
 async def test_signed_body_that_is_not_an_event_is_refused(

@@ -65,7 +65,9 @@ async def assert_ledger_clean(tw: InProcess) -> None:
 
 async def deliver(tw: InProcess, body: bytes, sig: str) -> tuple[int, Any]:
     st, data, _ = await tw.api(
-        "POST", "/api/v1/stripe/webhook", data=body,
+        "POST",
+        "/api/v1/stripe/webhook",
+        data=body,
         headers={"Stripe-Signature": sig, "Content-Type": "application/json"},
     )
     return st, data
@@ -144,9 +146,13 @@ async def test_payment_intent_first_then_checkout_credits_once(
     assert st == 201
     pi = stripe_server.complete_checkout(body["session_id"])
     # Stripe does not order events: payment_intent.succeeded may come first.
-    st, data = await deliver(tw, *stripe_server.signed(stripe_server.payment_intent_succeeded_event(pi["id"])))
+    st, data = await deliver(
+        tw, *stripe_server.signed(stripe_server.payment_intent_succeeded_event(pi["id"]))
+    )
     assert data["outcome"] == "credited"
-    st, data = await deliver(tw, *stripe_server.signed(stripe_server.checkout_completed_event(body["session_id"])))
+    st, data = await deliver(
+        tw, *stripe_server.signed(stripe_server.checkout_completed_event(body["session_id"]))
+    )
     assert data["outcome"] == "already_credited"
     assert await wallet_units(tw, "bob") == 250 * UNITS_PER_CENT
     await assert_ledger_clean(tw)
@@ -182,8 +188,14 @@ async def test_forged_or_stale_webhooks_get_400_and_credit_nothing(
 
 
 async def _auto_topup_buyer(
-    tw: InProcess, server: StripeServer, upstream: Upstream, *, credit: str, price: str,
-    threshold: str, amount: str,
+    tw: InProcess,
+    server: StripeServer,
+    upstream: Upstream,
+    *,
+    credit: str,
+    price: str,
+    threshold: str,
+    amount: str,
 ) -> tuple[str, str]:
     prov = await tw.key("prov", "provider")
     sid = await tw.service(prov, upstream.url, price=price)
@@ -191,13 +203,17 @@ async def _auto_topup_buyer(
     await tw.credit("auto", credit)
     # Without a saved card auto top-up cannot be enabled.
     st, body, _ = await tw.api(
-        "POST", "/api/v1/wallet/auto-topup", key,
+        "POST",
+        "/api/v1/wallet/auto-topup",
+        key,
         json={"threshold": threshold, "amount": amount, "enabled": True},
     )
     assert st == 409 and body["error"]["code"] == "no_payment_method"
     await save_card(tw, server, key, "auto")
     st, body, _ = await tw.api(
-        "POST", "/api/v1/wallet/auto-topup", key,
+        "POST",
+        "/api/v1/wallet/auto-topup",
+        key,
         json={"threshold": threshold, "amount": amount, "enabled": True},
     )
     assert st == 200 and body["enabled"] and body["state"] == "idle", body
@@ -256,7 +272,9 @@ async def test_declined_auto_topup_cools_down(
     for _ in range(3):
         st, _, _ = await tw.call(sid, "ok", key)
         assert st == 200
-    row = await tw.rt.store.fetchrow("SELECT state, episode FROM auto_topups WHERE owner_id = 'auto'")
+    row = await tw.rt.store.fetchrow(
+        "SELECT state, episode FROM auto_topups WHERE owner_id = 'auto'"
+    )
     assert (row["state"], row["episode"]) == ("idle", 1)
     assert len(stripe_server.requests_to("POST", "/v1/payment_intents")) == 1
     assert await wallet_units(tw, "auto") == 40_000
@@ -291,7 +309,8 @@ async def test_failed_connect_transfer_reverses_its_debit(
         r["kind"]
         for r in await tw.rt.store.fetch(
             "SELECT kind FROM transfers WHERE idempotency_key IN ($1, $2)",
-            f"connect_payout:{wid}", f"connect_reversal:{wid}",
+            f"connect_payout:{wid}",
+            f"connect_reversal:{wid}",
         )
     ]
     assert sorted(kinds) == ["connect_payout", "connect_payout_reversal"]
@@ -369,8 +388,12 @@ async def _connected_provider(
     for _ in range(calls):
         assert (await tw.call(sid, "ok", buyer))[0] == 200
     now = now_ms()
-    st, s, _ = await tw.api("POST", "/api/v1/settlements", tw.admin, json={
-        "provider_id": owner, "period_start": _iso(now - DAY), "period_end": _iso(now + DAY)})
+    st, s, _ = await tw.api(
+        "POST",
+        "/api/v1/settlements",
+        tw.admin,
+        json={"provider_id": owner, "period_start": _iso(now - DAY), "period_end": _iso(now + DAY)},
+    )
     assert st == 201 and s["net_units"] == calls * 90_000, s
     return prov, body["account_id"], s
 
@@ -391,8 +414,12 @@ async def test_connect_payout_of_earnings_pays_settlement_and_a_failed_one_leave
 
     # The transfer fails: the debit is reversed, the settlement is unpaid again.
     stripe_server.fail_next_transfer()
-    st, err, _ = await tw.api("POST", "/api/v1/wallet/withdraw", prov,
-                              json={"settlement_id": s1["id"], "method": "stripe_connect"})
+    st, err, _ = await tw.api(
+        "POST",
+        "/api/v1/wallet/withdraw",
+        prov,
+        json={"settlement_id": s1["id"], "method": "stripe_connect"},
+    )
     assert st == 502 and err["error"]["code"] == "payout_failed", err
     assert err["error"]["settlement_ids"] == [s1["id"]]
     assert await earnings_units(tw, "conn") == net
@@ -402,23 +429,41 @@ async def test_connect_payout_of_earnings_pays_settlement_and_a_failed_one_leave
     await assert_ledger_clean(tw)
 
     # Again: the transfer is made for exactly the net, and it pays the settlement.
-    st, body, _ = await tw.api("POST", "/api/v1/wallet/withdraw", prov,
-                               json={"source": "earnings", "method": "stripe_connect"})
+    st, body, _ = await tw.api(
+        "POST",
+        "/api/v1/wallet/withdraw",
+        prov,
+        json={"source": "earnings", "method": "stripe_connect"},
+    )
     assert st == 200, body
     w = body["withdrawal"]
     (transfer,) = stripe_server.transfers.values()
     assert transfer["amount"] == net // UNITS_PER_CENT and transfer["destination"] == account_id
     assert (w["status"], w["source"], w["amount_units"], w["settlement_ids"], w["transfer_id"]) == (
-        "paid", "earnings", net, [s1["id"]], transfer["id"])
+        "paid",
+        "earnings",
+        net,
+        [s1["id"]],
+        transfer["id"],
+    )
     st, paid, _ = await tw.api("GET", f"/api/v1/settlements/{s1['id']}", prov)
-    assert (paid["status"], paid["payment_tx"], paid["withdrawal_id"]) == ("completed", transfer["id"], w["id"])
+    assert (paid["status"], paid["payment_tx"], paid["withdrawal_id"]) == (
+        "completed",
+        transfer["id"],
+        w["id"],
+    )
     assert await earnings_units(tw, "conn") == 0
     # Paid by the Connect payout: PATCH pay and another payout are refused.
-    st, err, _ = await tw.api("PATCH", f"/api/v1/settlements/{s1['id']}/pay", tw.admin,
-                              json={"payment_tx": "0x1"})
+    st, err, _ = await tw.api(
+        "PATCH", f"/api/v1/settlements/{s1['id']}/pay", tw.admin, json={"payment_tx": "0x1"}
+    )
     assert st == 409 and err["error"]["code"] == "already_paid", err
-    st, err, _ = await tw.api("POST", "/api/v1/wallet/withdraw", prov,
-                              json={"settlement_id": s1["id"], "method": "stripe_connect"})
+    st, err, _ = await tw.api(
+        "POST",
+        "/api/v1/wallet/withdraw",
+        prov,
+        json={"settlement_id": s1["id"], "method": "stripe_connect"},
+    )
     assert st == 409 and err["error"]["code"] == "already_paid", err
     assert len(stripe_server.requests_to("POST", "/v1/transfers")) == 2
     await assert_ledger_clean(tw)
@@ -428,8 +473,9 @@ async def test_connect_payout_needs_an_unpaid_settlement_and_patch_pay_first_win
     tw: InProcess, stripe_server: StripeServer, upstream: Upstream
 ) -> None:
     prov, _, s1 = await _connected_provider(tw, stripe_server, upstream, "conn2", 3)
-    st, _, _ = await tw.api("PATCH", f"/api/v1/settlements/{s1['id']}/pay", tw.admin,
-                            json={"payment_tx": "ach-9"})
+    st, _, _ = await tw.api(
+        "PATCH", f"/api/v1/settlements/{s1['id']}/pay", tw.admin, json={"payment_tx": "ach-9"}
+    )
     assert st == 200
     # Earnings from calls not settled yet cannot be paid out by any request.
     buyer = await tw.key("late_buyer")
@@ -437,11 +483,18 @@ async def test_connect_payout_needs_an_unpaid_settlement_and_patch_pay_first_win
     service_id = await tw.rt.store.fetchval("SELECT id FROM services WHERE provider_id = 'conn2'")
     assert (await tw.call(service_id, "ok", buyer))[0] == 200
     assert await earnings_units(tw, "conn2") == 90_000
-    for body in ({"settlement_id": s1["id"]}, {"source": "earnings", "amount": "0.09"},
-                 {"source": "earnings"}):
-        st, err, _ = await tw.api("POST", "/api/v1/wallet/withdraw", prov,
-                                  json={"method": "stripe_connect", **body})
-        assert st == 409 and err["error"]["code"] in ("already_paid", "no_unpaid_settlement"), (body, err)
+    for body in (
+        {"settlement_id": s1["id"]},
+        {"source": "earnings", "amount": "0.09"},
+        {"source": "earnings"},
+    ):
+        st, err, _ = await tw.api(
+            "POST", "/api/v1/wallet/withdraw", prov, json={"method": "stripe_connect", **body}
+        )
+        assert st == 409 and err["error"]["code"] in ("already_paid", "no_unpaid_settlement"), (
+            body,
+            err,
+        )
     assert stripe_server.requests_to("POST", "/v1/transfers") == []
     assert await earnings_units(tw, "conn2") == 90_000
     st, s, _ = await tw.api("GET", f"/api/v1/settlements/{s1['id']}", prov)
@@ -454,13 +507,18 @@ async def test_connect_outage_keeps_the_settlement_paying_then_reversal_unpays_i
 ) -> None:
     prov, _, s1 = await _connected_provider(tw, stripe_server, upstream, "conn3", 2)
     stripe_server.fail_next_transfer(status=500, error_type="api_error", code="", message="boom")
-    st, body, _ = await tw.api("POST", "/api/v1/wallet/withdraw", prov,
-                               json={"settlement_id": s1["id"], "method": "stripe_connect"})
+    st, body, _ = await tw.api(
+        "POST",
+        "/api/v1/wallet/withdraw",
+        prov,
+        json={"settlement_id": s1["id"], "method": "stripe_connect"},
+    )
     assert st == 202 and body["withdrawal"]["status"] == "unknown", body
     st, s, _ = await tw.api("GET", f"/api/v1/settlements/{s1['id']}", prov)
     assert s["status"] == "paying"
-    st, err, _ = await tw.api("PATCH", f"/api/v1/settlements/{s1['id']}/pay", tw.admin,
-                              json={"payment_tx": "x"})
+    st, err, _ = await tw.api(
+        "PATCH", f"/api/v1/settlements/{s1['id']}/pay", tw.admin, json={"payment_tx": "x"}
+    )
     assert st == 409 and err["error"]["code"] == "payout_in_progress"
     assert await earnings_units(tw, "conn3") == 0
     await assert_ledger_clean(tw)

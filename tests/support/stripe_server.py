@@ -10,8 +10,9 @@ really sent.
 It also plays Stripe's side of the flows that happen outside the API: a
 customer paying a Checkout page (``complete_checkout``), saving a card
 (``complete_setup``), finishing Connect onboarding (``complete_onboarding``),
-a refund made in the Dashboard (``refund``), a cardholder's chargeback
-(``open_dispute``), and the webhook events those produce, signed like Stripe
+a refund made in the Dashboard (``refund``) and its failure at the card network
+(``fail_refund``), a cardholder's chargeback (``open_dispute``) and its outcome
+(``close_dispute``), and the webhook events those produce, signed like Stripe
 signs them (``sign_webhook``).
 
 Endpoints: POST /v1/checkout/sessions, GET /v1/checkout/sessions/{id},
@@ -202,6 +203,7 @@ class StripeServer:
     # The charge of each succeeded PaymentIntent (its ``latest_charge``), and disputes.
     charges: dict[str, dict[str, Any]] = field(default_factory=dict)
     disputes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    refunds: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Platform balance available for transfers, per currency, in minor units.
     platform_balance: dict[str, int] = field(default_factory=lambda: {"usd": 10_000_000})
 
@@ -341,10 +343,14 @@ class StripeServer:
         acct.update(charges_enabled=True, payouts_enabled=True, details_submitted=True)
         acct["capabilities"] = {name: "active" for name in acct["capabilities"]}
 
-    def refund(self, payment_intent_id: str, amount: int | None = None) -> dict[str, Any]:
+    def refund(
+        self, payment_intent_id: str, amount: int | None = None, status: str = "succeeded"
+    ) -> dict[str, Any]:
         """Refund ``amount`` (default: all that is left) of the PaymentIntent's charge, as
         the Dashboard or the Refunds API does. Returns the charge: ``amount_refunded`` is
-        the running total of its refunds."""
+        the running total of its refunds, ``refunds.data`` lists them newest first.
+        ``status="pending"`` makes a refund the card network has not confirmed yet
+        (Stripe has taken the funds from the balance all the same)."""
         charge = self.charges[self.payment_intents[payment_intent_id]["latest_charge"]]
         left = charge["amount"] - charge["amount_refunded"]
         amount = left if amount is None else amount
@@ -358,13 +364,48 @@ class StripeServer:
             "created": _now(),
             "currency": charge["currency"],
             "payment_intent": payment_intent_id,
-            "status": "succeeded",
+            "balance_transaction": _new_id("txn"),
+            "failure_balance_transaction": None,
+            "failure_reason": None,
+            "metadata": {},
+            "reason": None,
+            "status": status,
         }
+        self.refunds[refund["id"]] = refund
         charge["refunds"]["data"].insert(0, refund)
         charge["refunds"]["total_count"] += 1
         charge["amount_refunded"] += amount
         charge["refunded"] = charge["amount_refunded"] == charge["amount"]
         return charge
+
+    def fail_refund(
+        self, refund_id: str, status: str = "failed", reason: str = "expired_or_canceled_card"
+    ) -> dict[str, Any]:
+        """The refund does not reach the cardholder (``failed``: card closed or expired;
+        ``canceled``: a refund that required action was canceled). Stripe returns the
+        funds to the platform's balance (``failure_balance_transaction``), and the
+        charge may be refunded again: its ``amount_refunded`` drops by the refund.
+        Returns the refund; ``refund_event`` is its ``charge.refund.updated``."""
+        refund = self.refunds[refund_id]
+        if refund["status"] in ("failed", "canceled"):
+            raise ValueError(f"refund {refund_id} is already {refund['status']}")
+        charge = self.charges[refund["charge"]]
+        previous = {"status": refund["status"], "failure_reason": None}
+        refund.update(status=status, _previous=previous)
+        if status == "failed":
+            refund.update(failure_reason=reason, failure_balance_transaction=_new_id("txn"))
+        charge["amount_refunded"] -= refund["amount"]
+        charge["refunded"] = charge["amount_refunded"] == charge["amount"]
+        return refund
+
+    def refund_event(
+        self, refund_id: str, event_type: str = "charge.refund.updated"
+    ) -> dict[str, Any]:
+        """An event carrying the Refund object: ``charge.refund.updated`` (with the
+        ``previous_attributes`` of its last change), or ``refund.created``,
+        ``refund.updated``, ``refund.failed``."""
+        refund = self.refunds[refund_id]
+        return self.make_event(event_type, refund, previous=refund.get("_previous"))
 
     def charge_refunded_event(self, payment_intent_id: str) -> dict[str, Any]:
         charge = self.charges[self.payment_intents[payment_intent_id]["latest_charge"]]
@@ -376,11 +417,17 @@ class StripeServer:
         """The cardholder disputes the PaymentIntent's charge (default: all of it).
         ``status="warning_needs_response"`` makes an inquiry, which withdraws no funds."""
         charge = self.charges[self.payment_intents[payment_intent_id]["latest_charge"]]
+        disputed = charge["amount"] if amount is None else amount
+        dispute_id = _new_id("dp")
+        withdrawn = []
+        if not status.startswith("warning_"):
+            withdrawn.append(_dispute_balance_transaction(dispute_id, charge, -disputed, fee=1500))
         dispute = {
-            "id": _new_id("dp"),
+            "id": dispute_id,
             "object": "dispute",
-            "amount": charge["amount"] if amount is None else amount,
-            "balance_transactions": [],
+            "amount": disputed,
+            # Funds withdrawn (and, when won, reinstated): an inquiry withdraws none.
+            "balance_transactions": withdrawn,
             "charge": charge["id"],
             "created": _now(),
             "currency": charge["currency"],
@@ -395,18 +442,47 @@ class StripeServer:
         charge["disputed"] = True
         return dispute
 
+    def close_dispute(
+        self, dispute_id: str, won: bool = True, reinstated: int | None = None
+    ) -> dict[str, Any]:
+        """The card network decides. Won: the funds withdrawn come back to the platform
+        (a second balance transaction, ``charge.dispute.funds_reinstated``). Lost: they
+        stay gone, except ``reinstated`` (a dispute of the whole amount of a partly
+        refunded charge gives back the refunded part: status ``lost``, "partially
+        won" in the Dashboard). Returns the dispute."""
+        dispute = self.disputes[dispute_id]
+        charge = self.charges[dispute["charge"]]
+        back = dispute["amount"] if won else (reinstated or 0)
+        if back:
+            dispute["balance_transactions"].append(
+                _dispute_balance_transaction(dispute_id, charge, back, fee=-1500 if won else 0)
+            )
+        dispute.update(status="won" if won else "lost", is_charge_refundable=False)
+        return dispute
+
     def dispute_created_event(self, dispute_id: str) -> dict[str, Any]:
         return self.make_event("charge.dispute.created", self.disputes[dispute_id])
 
-    def make_event(self, event_type: str, obj: dict[str, Any]) -> dict[str, Any]:
-        """A Stripe event wrapping a snapshot of ``obj`` (a stored object)."""
+    def dispute_event(self, dispute_id: str, event_type: str) -> dict[str, Any]:
+        """Another event of the dispute: ``charge.dispute.updated``, ``.funds_withdrawn``,
+        ``.closed`` or ``.funds_reinstated`` (a snapshot of the dispute as it is now)."""
+        return self.make_event(event_type, self.disputes[dispute_id])
+
+    def make_event(
+        self, event_type: str, obj: dict[str, Any], previous: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """A Stripe event wrapping a snapshot of ``obj`` (a stored object); ``previous``
+        is the ``previous_attributes`` of an ``*.updated`` event."""
+        data: dict[str, Any] = {"object": json.loads(json.dumps(_public(obj)))}
+        if previous is not None:
+            data["previous_attributes"] = dict(previous)
         return {
             "id": _new_id("evt"),
             "object": "event",
             "api_version": EVENT_API_VERSION,
             "created": _now(),
             # A deep copy: later changes to the object (another refund) are not in this event.
-            "data": {"object": json.loads(json.dumps(_public(obj)))},
+            "data": data,
             "livemode": False,
             "pending_webhooks": 1,
             "request": {"id": None, "idempotency_key": None},
@@ -895,6 +971,28 @@ def _new_id(prefix: str) -> str:
 
 def _now() -> int:
     return int(time.time())
+
+
+def _dispute_balance_transaction(
+    dispute_id: str, charge: dict[str, Any], amount: int, *, fee: int
+) -> dict[str, Any]:
+    """Funds a dispute moves in the platform balance: negative when withdrawn, positive
+    when reinstated; ``fee`` is the dispute fee (refunded on a win where the network does)."""
+    return {
+        "id": _new_id("txn"),
+        "object": "balance_transaction",
+        "amount": amount,
+        "created": _now(),
+        "currency": charge["currency"],
+        "description": f"Chargeback {'withdrawal' if amount < 0 else 'reversal'}"
+        f" for {charge['id']}",
+        "fee": fee,
+        "net": amount - fee,
+        "reporting_category": "dispute" if amount < 0 else "dispute_reversal",
+        "source": dispute_id,
+        "status": "available",
+        "type": "adjustment",
+    }
 
 
 def _public(obj: dict[str, Any]) -> dict[str, Any]:
