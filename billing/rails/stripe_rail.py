@@ -622,8 +622,18 @@ class StripeRail:
 # --------------------------------------------------------------------- normalization
 
 
+# Far above any one Stripe charge (USD tops out at 99,999,999 cents): a larger figure
+# in a signed event is not money we book, and would overflow the ledger's columns.
+_MAX_EVENT_CENTS = 10**12
+
+
 def _int_amount(value: Any) -> int | None:
+    """An event's amount in minor units, or None when it is not one we can book
+    (not an integer, negative, or absurdly large): such an event is ignored with a
+    200, since Stripe retries any other answer for days."""
     if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    if not 0 <= value <= _MAX_EVENT_CENTS:
         return None
     return value
 
@@ -743,7 +753,7 @@ def normalize_event(event: dict[str, Any]) -> StripeEvent:
         pi_id = _pi_id(obj.get("payment_intent"))
         amount = _int_amount(obj.get("amount_total"))
         currency = obj.get("currency")
-        if not owner_id or not pi_id or amount is None or not isinstance(currency, str):
+        if not owner_id or not pi_id or not amount or not isinstance(currency, str):
             return IgnoredEvent(event_id, etype, "paid session missing owner, intent or amount")
         return CreditEvent(event_id, pi_id, owner_id, amount, currency.lower(), etype)
 

@@ -530,3 +530,29 @@ async def test_connect_outage_keeps_the_settlement_paying_then_reversal_unpays_i
     assert (s["status"], s["withdrawal_id"]) == ("pending", None)
     assert await earnings_units(tw, "conn3") == s1["net_units"]
     await assert_ledger_clean(tw)
+
+
+async def test_signed_events_with_amounts_we_cannot_book_are_ignored_not_500(
+    tw: InProcess, stripe_server: StripeServer
+) -> None:
+    """A correctly signed event whose amount is 0, negative or past any column: 200
+    and ignored (Stripe retries any other answer for days), nothing credited."""
+    import json as _json
+
+    key = await tw.key("odd")
+    st, body, _ = await tw.api("POST", "/api/v1/wallet/topup", key, json={"amount": "1.00"})
+    stripe_server.complete_checkout(body["session_id"])
+    event = stripe_server.checkout_completed_event(body["session_id"])
+    for n, amount in enumerate((0, -100, 10**30)):
+        odd = _json.loads(_json.dumps(event))
+        odd["id"] = f"{event['id']}_{n}"
+        odd["data"]["object"]["amount_total"] = amount
+        pi = stripe_server.payment_intent_succeeded_event(odd["data"]["object"]["payment_intent"])
+        pi["id"] = f"{pi['id']}_{n}"
+        pi["data"]["object"]["amount_received"] = amount
+        for e in (odd, pi):
+            st, data = await deliver(tw, *stripe_server.signed(e))
+            assert st == 200 and data["outcome"] == "ignored", (amount, data)
+    assert await wallet_units(tw, "odd") == 0
+    assert await tw.rt.store.fetchval("SELECT COUNT(*) FROM payments") == 0
+    await assert_ledger_clean(tw)
