@@ -226,9 +226,9 @@ def setup(base: str, admin: str, upstream: str) -> Setup:
 
     s.provider = key(f"bench-provider-{tag}", "provider", adm)
     rich_owner = f"bench-buyer-rich-{tag}"
-    s.buyer_rich = key(rich_owner, "buyer", None)
-    s.buyer_free = key(f"bench-buyer-free-{tag}", "buyer", None)
-    s.buyer_poor = key(f"bench-buyer-poor-{tag}", "buyer", None)
+    s.buyer_rich = key(rich_owner, "buyer", adm)
+    s.buyer_free = key(f"bench-buyer-free-{tag}", "buyer", adm)
+    s.buyer_poor = key(f"bench-buyer-poor-{tag}", "buyer", adm)
     prov = {"Authorization": f"Bearer {s.provider}"}
     st, _, b = http(
         "POST",
