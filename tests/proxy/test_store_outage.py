@@ -1,7 +1,7 @@
 """PostgreSQL going away mid-traffic (issue 11): honest 503s, no 500s, recovery
 without a restart, and no answer that claims a charge the ledger does not hold.
 
-The database is taken down for Tollway alone: it reaches PostgreSQL through a
+Tollway runs as a real `tollway serve` process. The database is taken down for it alone: it reaches PostgreSQL through a
 local TCP forwarder that the test cuts (every connection dropped, the port
 closed) and restores, so the server other programs share is never touched.
 """
@@ -17,7 +17,7 @@ from ledger import journal as j
 from ledger.db import open_store
 from ledger.verify import verify
 from tests.support.tcp_fault import TcpFault
-from tests.support.tollway import start_inprocess
+from tests.support.tollway import start_processes
 from tests.support.upstream import Upstream
 
 
@@ -28,9 +28,10 @@ async def test_postgres_down_mid_traffic_gives_503_and_no_false_charge(
     host, _, port = host_port.partition(":")
     fault = await TcpFault(host, int(port or 5432)).start()
     faulty_url = pg_url.replace(host_port, f"127.0.0.1:{fault.port}")
-    tw = await start_inprocess(
+    tw = await start_processes(
         faulty_url,
-        tmp=str(tmp_path),
+        None,
+        str(tmp_path),
         upstream_connect_timeout=1.0,
         upstream_read_timeout=2.0,
         hold_ttl_seconds=14,
