@@ -12,10 +12,7 @@ logs, block); nothing a client says about a payment is taken on trust.
 from __future__ import annotations
 
 import asyncio
-import fcntl
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +29,7 @@ from web3.exceptions import (
 )
 
 from billing.errors import PaymentConflict, PaymentRejected, PayoutFailed, UpstreamRailError
+from billing.rails.evm_nonces import NONCE_ATTEMPTS, HostNonceLock, nonce_taken
 
 # keccak256("Transfer(address,address,uint256)")
 TRANSFER_TOPIC = "0xddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef"
@@ -425,8 +423,8 @@ class EvmClient:
         """
         await self.chain_id()
         lock = self._send_locks.setdefault(account.address, asyncio.Lock())
-        async with lock, _HostNonceLock(account.address):
-            for attempt in range(_NONCE_ATTEMPTS):
+        async with lock, HostNonceLock(account.address):
+            for attempt in range(NONCE_ATTEMPTS):
                 nonce = await self.w3.eth.get_transaction_count(account.address, "pending")
                 tx = await call.build_transaction(
                     {"from": account.address, "nonce": nonce, "chainId": await self.chain_id()}
@@ -437,7 +435,7 @@ class EvmClient:
                 except Web3RPCError as exc:
                     # Another host sent from this address with the same nonce first: the
                     # node refused ours, nothing of it was broadcast, so sign again.
-                    if _nonce_taken(exc) and attempt + 1 < _NONCE_ATTEMPTS:
+                    if nonce_taken(exc) and attempt + 1 < NONCE_ATTEMPTS:
                         continue
                     raise
                 tx_hash = _hex(raw_hash)
@@ -514,45 +512,6 @@ class EvmClient:
             raise PaymentRejected(exc.message, code="settlement_failed") from exc
         except (TimeoutError, OSError, Web3Exception) as exc:
             raise UpstreamRailError(f"EVM node error during settlement: {exc}") from exc
-
-
-_NONCE_ATTEMPTS = 4
-_NONCE_TAKEN = (
-    "nonce too low",
-    "already known",
-    "replacement transaction underpriced",
-    "invalid transaction nonce",
-)
-
-
-def _nonce_taken(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    return any(m in text for m in _NONCE_TAKEN)
-
-
-class _HostNonceLock:
-    """Serializes nonce lookup and broadcast for one address across the processes of
-    one host (``--workers N``) with an advisory file lock; across hosts the node's
-    refusal of a taken nonce is retried above."""
-
-    def __init__(self, address: str):
-        folder = os.path.join(tempfile.gettempdir(), "tollway-nonces")
-        os.makedirs(folder, exist_ok=True)
-        self.path = os.path.join(folder, address.lower())
-        self.fd = -1
-
-    async def __aenter__(self) -> None:
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        while True:
-            try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:
-                await asyncio.sleep(0.01)  # another worker is sending from this address
-
-    async def __aexit__(self, *exc: object) -> None:
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
-        os.close(self.fd)
 
 
 def _authorization_revert(reason: str) -> PaymentRejected | PaymentConflict:
