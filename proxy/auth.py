@@ -12,6 +12,7 @@ import hmac
 import secrets
 import time
 from collections import OrderedDict
+from typing import Any
 
 from aiohttp import web
 
@@ -84,6 +85,22 @@ class KeyCache:
 
     def forget(self, key_id: str) -> None:
         self._entries.pop(key_id, None)
+
+    def cached(self, headers: Any) -> bool:
+        """Whether the request's key (if any) would be found without a database read."""
+        raw = headers.get("Authorization") or headers.get("api-key")
+        if raw is None:
+            return True
+        key_id = raw.partition(" ")[2] if raw[:7].lower() == "bearer " else raw
+        key_id = key_id.strip().partition(":")[0]
+        if self._bootstrap is not None and key_id == self._bootstrap.key_id:
+            return True
+        now = time.monotonic()
+        hit = self._entries.get(key_id)
+        if hit is not None and now - hit[1] < self.ttl:
+            return True
+        neg = self._negative.get(key_id)
+        return neg is not None and now - neg < min(self.ttl, 5.0)
 
     async def lookup(self, key_id: str) -> KeyRecord | None:
         if self._bootstrap is not None and key_id == self._bootstrap.key_id:

@@ -58,6 +58,19 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     rid = request_id(request)
     sid = request.match_info["service_id"]
 
+    ip = client_ip(request, rt.settings.trust_forwarded_for)
+    ip_limit = (
+        Limit("ip", "ip:" + ip, rt.settings.ip_rate_limit) if rt.settings.ip_rate_limit else None
+    )
+    if ip_limit is not None and not (rt.services.cached(sid) and rt.keys.cached(request.headers)):
+        # A lookup keyed by the caller's input (an unknown service or key id) may
+        # reach the database: the IP limit is counted first. Known ids, the common
+        # case, keep the single limiter round trip below.
+        early = await rt.limiter.check([ip_limit])
+        if not early.allowed:
+            metrics.RATE_LIMITED.labels("ip").inc()
+            raise ApiError(429, "rate_limited", "rate limit exceeded", headers=early.headers())
+        ip_limit = None
     key = await rt.keys.authenticate(request, required=False)
     svc = await rt.services.get(sid)
     if svc is None or svc.status == "removed":
@@ -67,12 +80,11 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     if key is None and not (svc.allow_anonymous and rt.payments is not None):
         raise ApiError(401, "unauthorized", "missing API key")
 
-    ip = client_ip(request, rt.settings.trust_forwarded_for)
     limits = []
     if key is not None:
         limits.append(Limit("key", "k:" + key.key_id, key.rate_limit))
-    if rt.settings.ip_rate_limit:
-        limits.append(Limit("ip", "ip:" + ip, rt.settings.ip_rate_limit))
+    if ip_limit is not None:
+        limits.append(ip_limit)
     if svc.rate_limit:
         caller = key.key_id if key is not None else "ip:" + ip
         limits.append(Limit("service", f"s:{svc.id}:{caller}", svc.rate_limit))

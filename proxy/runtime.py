@@ -61,6 +61,15 @@ class ServiceCache:
         self._max_misses = max_misses
         self._targets: dict[tuple[str, str], Target] = {}
 
+    def cached(self, service_id: str) -> bool:
+        """Whether ``get`` would answer from memory (no database read)."""
+        now = time.monotonic()
+        hit = self._entries.get(service_id)
+        if hit is not None and now - hit[1] < self.ttl:
+            return True
+        missed = self._misses.get(service_id)
+        return missed is not None and now - missed < self.ttl
+
     async def get(self, service_id: str) -> Service | None:
         if not SERVICE_ID_RE.match(service_id):
             return None

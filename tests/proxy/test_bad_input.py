@@ -258,3 +258,19 @@ async def test_ten_thousand_unknown_long_service_ids_cost_little_memory(tmp_path
         assert after - before < 20 * 1024, (before, after)
     finally:
         await tw.close()
+
+
+async def test_the_ip_limit_comes_before_lookups_keyed_by_caller_input(tmp_path):
+    """Made-up service and key ids are counted against the IP limit before they are
+    looked up: a flood of them gets 429, not a database read each."""
+    tw = await start_inprocess(f"sqlite:///{tmp_path}/ip.db", tmp=str(tmp_path), ip_rate_limit=5)
+    try:
+        statuses = []
+        for i in range(8):
+            st, _, _ = await tw.api("GET", f"/api/v1/proxy/made-up-{i}/x")
+            statuses.append(st)
+        assert statuses[:5] == [404] * 5 and statuses[5:] == [429] * 3, statuses
+        st, _, h = await tw.api("GET", "/api/v1/proxy/other/x", "acf_nope:sec_nope")
+        assert st == 429 and int(h["Retry-After"]) >= 1
+    finally:
+        await tw.close()
