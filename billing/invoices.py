@@ -25,11 +25,11 @@ import json
 import math
 import secrets
 from dataclasses import dataclass, field, replace
-from fractions import Fraction
 from typing import Any
 
 from billing.errors import BillingError, PaymentConflict, PaymentRejected, PaymentRequired
 from billing.invoice_chains import verify_on_chain
+from billing.invoice_terms import Binding, CardanoTerms, EvmTerms
 from billing.money import format_amount
 from billing.payer_proof import (
     PayerProof,
@@ -59,46 +59,6 @@ def _payer_of(inv: Row) -> str:
 
 def body_hash(body: bytes) -> str:
     return hashlib.sha256(body).hexdigest()
-
-
-@dataclass(frozen=True)
-class Binding:
-    method: str
-    path: str
-    body_hash: str
-
-
-@dataclass(frozen=True)
-class EvmTerms:
-    chain_id: int
-    token: str
-    pay_to: str
-    confirmations: int
-    decimals: int = 6
-    asset: str = "USDC"
-
-    @property
-    def chain(self) -> str:
-        return f"eip155:{self.chain_id}"
-
-
-@dataclass(frozen=True)
-class CardanoTerms:
-    network: str
-    pay_to: str
-    unit: str  # "lovelace" or policy id + asset name hex
-    rate: Fraction  # Cardano units per ledger unit of the service price
-    splits: tuple[tuple[str, int], ...]  # (address, basis points of the invoice amount)
-    confirmations: int
-    decimals: int = 6
-
-    @property
-    def chain(self) -> str:
-        return f"cardano-{self.network}"
-
-    @property
-    def asset(self) -> str:
-        return "ADA" if self.unit == "lovelace" else self.unit
 
 
 @dataclass

@@ -9,7 +9,8 @@ from typing import Any
 
 from aiohttp import web
 
-from billing.invoices import CardanoTerms, EvmTerms, InvoiceBook
+from billing.invoice_terms import CardanoTerms, EvmTerms
+from billing.invoices import InvoiceBook
 from billing.payments import X402Gateway
 from proxy.errors import ApiError, json_response
 from proxy.paywall import Paywall
