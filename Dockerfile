@@ -15,7 +15,9 @@ RUN pip install --no-cache-dir . \
  && useradd --system --uid 10001 --home-dir /var/lib/tollway --create-home tollway
 
 USER tollway
+VOLUME ["/var/lib/tollway"]
 EXPOSE 8000
+# The port the server was told to use, not a hard-coded 8000.
 HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
-  CMD python -c "import sys,urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=2).status == 200 else 1)"
+  CMD python -c "import os,sys,urllib.request; port=os.environ.get('TOLLWAY_PORT','8000'); sys.exit(0 if urllib.request.urlopen(f'http://127.0.0.1:{port}/health', timeout=2).status == 200 else 1)"
 ENTRYPOINT ["tollway", "serve"]

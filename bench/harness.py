@@ -64,7 +64,7 @@ def machine_info() -> dict:
     for mod in ("aiohttp", "uvloop", "asyncpg", "redis"):
         try:
             info[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001
+        except Exception:
             info[mod] = None
     wrk = shutil.which("wrk")
     if wrk:
@@ -96,7 +96,7 @@ def machine_info() -> dict:
             timeout=5,
         ).stdout
         info["tollway_tree_dirty_files"] = len(dirty.splitlines())
-    except Exception:  # noqa: BLE001
+    except Exception:
         pass
     return info
 
@@ -559,7 +559,7 @@ def run_tollway(
                 )
             except Budget:
                 raise
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 out["errors"].append(f"{name}: {e}")
         if probes["prepaid"]["status"] == 200:
             own = out["scenarios"].get("prepaid", {}).get("rps")
@@ -587,11 +587,11 @@ def run_tollway(
                         out["scenarios"][name] = r
                 except Budget:
                     raise
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:
                     out["errors"].append(f"{name}: {e}")
     except Budget as e:
         out["errors"].append(str(e))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         out["errors"].append(f"{type(e).__name__}: {e}")
         out["traceback"] = traceback.format_exc()[-2000:]
     finally:
@@ -620,7 +620,7 @@ def scrape_metrics(base: str) -> dict[str, float]:
     try:
         with urllib.request.urlopen(f"{base}/metrics", timeout=3) as r:
             text = r.read().decode("utf-8", "replace")
-    except Exception:  # noqa: BLE001 - metrics are a bonus
+    except Exception:
         return out
     for line in text.splitlines():
         if line.startswith("tollway_ledger") and ("_sum" in line or "_count" in line):
@@ -649,7 +649,7 @@ def deps_ok(args) -> dict:
     ok = {"pg": True, "redis": True}
     try:
         T.pg_admin("SELECT 1", args.pg_url.rstrip("/"))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         ok["pg"] = False
         ok["pg_error"] = str(e)[:200]
     try:
@@ -658,7 +658,7 @@ def deps_ok(args) -> dict:
         redis.Redis.from_url(
             f"{args.redis_url.rstrip('/')}/{args.redis_db}", socket_timeout=2
         ).ping()
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         ok["redis"] = False
         ok["redis_error"] = str(e)[:200]
     return ok
@@ -922,13 +922,13 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.monotonic()
     deadline = t_start + args.budget - 8  # keep time to stop everything and write the JSON
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     RESULTS.mkdir(parents=True, exist_ok=True)
     workdir = RESULTS / f"{stamp}.tmp"  # logs; *.tmp is git-ignored
     workdir.mkdir(parents=True, exist_ok=True)
     out_path = Path(args.out) if args.out else RESULTS / f"{stamp}.json"
 
-    def on_signal(signum, frame):  # noqa: ARG001
+    def on_signal(signum, frame):
         raise SystemExit(f"stopped by signal {signum}")
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -990,7 +990,7 @@ def main(argv: list[str] | None = None) -> int:
         # machine is large: other work comes and goes during a run).
         res["bare_series"] = [res["bare_rps"]]
         res["bare_half_p99_series"] = [res["bare"]["scenarios"]["half_load"]["p99_ms"]]
-        for i, m in enumerate(modes):
+        for m in modes:
             if m.db == "pg" and not (dep.get("pg") and dep.get("redis")):
                 res["tollway"][m.name] = {
                     "mode": m.name,
@@ -1031,7 +1031,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         res["errors"].append(f"aborted: {e}")
         rc = 2
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         res["errors"].append(f"{type(e).__name__}: {e}")
         res["traceback"] = traceback.format_exc()[-3000:]
         rc = 1
@@ -1041,7 +1041,7 @@ def main(argv: list[str] | None = None) -> int:
         res["elapsed_s"] = time.monotonic() - t_start
         try:
             res["targets"] = targets(res)
-        except Exception as e:  # noqa: BLE001 - never lose the measurements
+        except Exception as e:
             res["targets"] = []
             res["errors"].append(f"target evaluation failed: {type(e).__name__}: {e}")
         tmp = out_path.with_suffix(".json.tmp")

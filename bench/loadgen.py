@@ -68,7 +68,7 @@ def percentiles(values: list[float]) -> dict:
 class Conn(asyncio.Protocol):
     """One keep-alive connection; one request in flight at a time."""
 
-    def __init__(self, gen: "Gen") -> None:
+    def __init__(self, gen: Gen) -> None:
         self.gen = gen
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()

@@ -189,7 +189,7 @@ class Procs:
         log: Path | None = None,
         cwd: str | None = None,
     ) -> subprocess.Popen:
-        out = open(log, "ab") if log else subprocess.DEVNULL
+        out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - the child owns it
 
         def pre() -> None:
             _die_with_parent()
@@ -249,7 +249,7 @@ def _die_with_parent() -> None:
 
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except Exception:  # noqa: BLE001 - best effort; the normal path stops children itself
+    except Exception:
         pass
 
 

@@ -47,7 +47,7 @@ def ensure_pyspy() -> str | None:
 
 def ensure_pyinstrument() -> bool:
     try:
-        import pyinstrument  # noqa: F401, PLC0415
+        import pyinstrument  # noqa: F401
 
         return True
     except ImportError:
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--redis-db", type=int, default=int(os.environ.get("BENCH_REDIS_DB", "13")))
     args = ap.parse_args(argv)
 
-    def on_signal(signum, frame):  # noqa: ARG001
+    def on_signal(signum, frame):
         raise SystemExit(f"stopped by signal {signum}")
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.alarm(int(args.duration) + 150)
     P.die_with_parent()
 
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     workdir = RESULTS / f"{stamp}-profile.tmp"
     workdir.mkdir(parents=True, exist_ok=True)
     base_name = f"profile-{stamp}-{args.mode}-{args.scenario}"
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         meta["error"] = f"aborted: {e}"
         rc = 2
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         meta["error"] = f"{type(e).__name__}: {e}"
         rc = 1
     finally:

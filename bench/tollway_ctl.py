@@ -56,7 +56,7 @@ def tollway_bin() -> str:
 
 
 def pg_admin(sql: str, base_url: str) -> None:
-    import asyncpg  # noqa: PLC0415  (only for the PostgreSQL modes)
+    import asyncpg
 
     async def go() -> None:
         conn = await asyncpg.connect(f"{base_url}/postgres", timeout=5)
@@ -70,7 +70,7 @@ def pg_admin(sql: str, base_url: str) -> None:
 
 def redis_forget(url: str, prefix: str) -> None:
     """Delete this run's keys only: the Redis may be shared with other programs."""
-    import redis  # noqa: PLC0415
+    import redis
 
     r = redis.Redis.from_url(url, socket_timeout=5)
     for key in r.scan_iter(match=prefix + "*", count=1000):
@@ -160,11 +160,11 @@ class TollwayInstance:
         if self.mode.db == "pg":
             try:
                 pg_admin(f'DROP DATABASE IF EXISTS "{self.dbname}" WITH (FORCE)', self.pg_base)
-            except Exception:  # noqa: BLE001 - best effort at the end of a run
+            except Exception:
                 pass
             try:
                 redis_forget(self.redis_url, self.redis_prefix)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pass
         else:
             db = self.workdir / f"{self.mode.name}.db"

@@ -39,7 +39,9 @@ def _i(v: Any) -> int:
     return int(v or 0)
 
 
-async def usage_totals(store: Store, provider_id: str, asset: str, service_id: str | None = None) -> dict[str, Any]:
+async def usage_totals(
+    store: Store, provider_id: str, asset: str, service_id: str | None = None
+) -> dict[str, Any]:
     args: list[Any] = [provider_id, asset]
     cond = ""
     if service_id is not None:
@@ -79,15 +81,20 @@ async def per_service(store: Store, provider_id: str, asset: str) -> dict[str, d
         " COALESCE(SUM(CASE WHEN upstream_status IS NOT NULL AND upstream_status < 500 THEN 1 ELSE 0 END), 0)"
         " AS served, AVG(latency_ms) AS avg_latency"
         " FROM usage_records WHERE provider_id = $1 AND asset = $2 GROUP BY service_id",
-        provider_id, asset,
+        provider_id,
+        asset,
     )
     out = {}
     for r in rows:
         calls = _i(r["calls"])
         out[r["service_id"]] = {
-            "calls": calls, "charged_calls": _i(r["charged_calls"]), "revenue": _i(r["revenue"]),
+            "calls": calls,
+            "charged_calls": _i(r["charged_calls"]),
+            "revenue": _i(r["revenue"]),
             "success_rate": round(100.0 * _i(r["served"]) / calls, 2) if calls else None,
-            "avg_latency_ms": None if r["avg_latency"] is None else round(float(r["avg_latency"]), 1),
+            "avg_latency_ms": None
+            if r["avg_latency"] is None
+            else round(float(r["avg_latency"]), 1),
         }
     return out
 
@@ -100,11 +107,17 @@ async def daily(store: Store, service_id: str, asset: str, since_ms: int) -> lis
         " COALESCE(SUM(amount), 0) AS revenue"
         " FROM usage_records WHERE service_id = $1 AND asset = $2 AND created_at >= $3"
         " GROUP BY created_at / 86400000 ORDER BY 1",
-        service_id, asset, since_ms,
+        service_id,
+        asset,
+        since_ms,
     )
     return [
-        {"day": _i(r["day"]), "calls": _i(r["calls"]), "charged_calls": _i(r["charged_calls"]),
-         "revenue": _i(r["revenue"])}
+        {
+            "day": _i(r["day"]),
+            "calls": _i(r["calls"]),
+            "charged_calls": _i(r["charged_calls"]),
+            "revenue": _i(r["revenue"]),
+        }
         for r in rows
     ]
 
@@ -116,20 +129,27 @@ async def earnings(store: Store, provider_id: str, asset: str) -> dict[str, int]
         # Earned: call-time shares, corrected by settlement fee adjustments. Whatever
         # else left the account was paid out, by settlement payouts or by any other
         # payout path (withdrawals, Connect payouts), net of their reversals.
-        credited = _i(await tx.fetchval(
-            "SELECT COALESCE(SUM(amount), 0) FROM transfers WHERE credit_account = $1"
-            " AND kind IN ('charge', 'settlement_rebate')", acct
-        ))
-        adjusted = _i(await tx.fetchval(
-            "SELECT COALESCE(SUM(amount), 0) FROM transfers WHERE debit_account = $1 AND kind = 'settlement_fee'",
-            acct,
-        ))
-        unsettled = _i(await tx.fetchval(
-            "SELECT COALESCE(SUM(t.amount), 0) FROM transfers t"
-            " WHERE t.credit_account = $1 AND t.kind = 'charge'"
-            " AND NOT EXISTS (SELECT 1 FROM settlement_items s WHERE s.usage_id = t.usage_id)",
-            acct,
-        ))
+        credited = _i(
+            await tx.fetchval(
+                "SELECT COALESCE(SUM(amount), 0) FROM transfers WHERE credit_account = $1"
+                " AND kind IN ('charge', 'settlement_rebate')",
+                acct,
+            )
+        )
+        adjusted = _i(
+            await tx.fetchval(
+                "SELECT COALESCE(SUM(amount), 0) FROM transfers WHERE debit_account = $1 AND kind = 'settlement_fee'",
+                acct,
+            )
+        )
+        unsettled = _i(
+            await tx.fetchval(
+                "SELECT COALESCE(SUM(t.amount), 0) FROM transfers t"
+                " WHERE t.credit_account = $1 AND t.kind = 'charge'"
+                " AND NOT EXISTS (SELECT 1 FROM settlement_items s WHERE s.usage_id = t.usage_id)",
+                acct,
+            )
+        )
         srow = await tx.fetchrow(
             "SELECT COALESCE(SUM(CASE WHEN status = 'pending' THEN net ELSE 0 END), 0) AS unpaid,"
             " COALESCE(SUM(CASE WHEN status = 'completed' THEN net ELSE 0 END), 0) AS paid,"
@@ -137,7 +157,8 @@ async def earnings(store: Store, provider_id: str, asset: str) -> dict[str, int]
             " COALESCE(SUM(CASE WHEN status <> 'processing' THEN fee ELSE 0 END), 0) AS fee,"
             " COUNT(*) AS n"
             " FROM settlements WHERE provider_id = $1 AND asset = $2",
-            provider_id, asset,
+            provider_id,
+            asset,
         )
     assert srow is not None
     return {
@@ -157,15 +178,31 @@ async def earnings(store: Store, provider_id: str, asset: str) -> dict[str, int]
 
 async def onboarding(store: Store, provider_id: str) -> dict[str, bool]:
     async with store.reader() as tx:
-        keys = _i(await tx.fetchval(
-            "SELECT COUNT(*) FROM api_keys WHERE owner_id = $1 AND status = 'active'", provider_id))
-        services = _i(await tx.fetchval(
-            "SELECT COUNT(*) FROM services WHERE provider_id = $1 AND status <> 'removed'", provider_id))
-        active = _i(await tx.fetchval(
-            "SELECT COUNT(*) FROM services WHERE provider_id = $1 AND status = 'active'", provider_id))
-        traffic = await tx.fetchval("SELECT 1 FROM usage_records WHERE provider_id = $1 LIMIT 1", provider_id)
+        keys = _i(
+            await tx.fetchval(
+                "SELECT COUNT(*) FROM api_keys WHERE owner_id = $1 AND status = 'active'",
+                provider_id,
+            )
+        )
+        services = _i(
+            await tx.fetchval(
+                "SELECT COUNT(*) FROM services WHERE provider_id = $1 AND status <> 'removed'",
+                provider_id,
+            )
+        )
+        active = _i(
+            await tx.fetchval(
+                "SELECT COUNT(*) FROM services WHERE provider_id = $1 AND status = 'active'",
+                provider_id,
+            )
+        )
+        traffic = await tx.fetchval(
+            "SELECT 1 FROM usage_records WHERE provider_id = $1 LIMIT 1", provider_id
+        )
         settled = await tx.fetchval(
-            "SELECT 1 FROM settlements WHERE provider_id = $1 AND status <> 'processing' LIMIT 1", provider_id)
+            "SELECT 1 FROM settlements WHERE provider_id = $1 AND status <> 'processing' LIMIT 1",
+            provider_id,
+        )
     return {
         "create_api_key": keys > 0,
         "register_service": services > 0,

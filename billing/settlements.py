@@ -255,8 +255,7 @@ _CANDIDATES = (
     " FROM usage_records u"
     " WHERE u.provider_id = $1 AND u.asset = $2 AND u.amount > 0"
     " AND u.created_at >= $3 AND u.created_at < $4"
-    " AND NOT EXISTS (SELECT 1 FROM settlement_items s WHERE s.usage_id = u.id)"
-    + CARD_SETTLED
+    " AND NOT EXISTS (SELECT 1 FROM settlement_items s WHERE s.usage_id = u.id)" + CARD_SETTLED
 )
 
 

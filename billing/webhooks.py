@@ -93,14 +93,24 @@ class Subscription:
 
     def render(self) -> dict[str, Any]:
         return {
-            "id": self.id, "owner_id": self.owner_id, "url": self.url, "events": self.events,
-            "active": self.active, "created_at": _iso(self.created_at),
+            "id": self.id,
+            "owner_id": self.owner_id,
+            "url": self.url,
+            "events": self.events,
+            "active": self.active,
+            "created_at": _iso(self.created_at),
         }
 
 
 def _sub(r: Any) -> Subscription:
-    return Subscription(r["id"], r["owner_id"], r["url"], json.loads(r["events"]), bool(r["active"]),
-                        int(r["created_at"]))
+    return Subscription(
+        r["id"],
+        r["owner_id"],
+        r["url"],
+        json.loads(r["events"]),
+        bool(r["active"]),
+        int(r["created_at"]),
+    )
 
 
 def check_webhook_url(url: Any, *, allow_http: bool, allow_private: bool) -> str:
@@ -108,7 +118,9 @@ def check_webhook_url(url: Any, *, allow_http: bool, allow_private: bool) -> str
     if not isinstance(url, str) or not url:
         raise BillingError("url is required", code="validation_error", status=422)
     if len(url) > URL_MAX:
-        raise BillingError(f"url is longer than {URL_MAX} characters", code="validation_error", status=422)
+        raise BillingError(
+            f"url is longer than {URL_MAX} characters", code="validation_error", status=422
+        )
     schemes = ("https", "http") if allow_http else ("https",)
     why = check_url(url, allow_private=allow_private, schemes=schemes)
     if why:
@@ -118,11 +130,16 @@ def check_webhook_url(url: Any, *, allow_http: bool, allow_private: bool) -> str
 
 def check_events(events: Any) -> list[str]:
     if not isinstance(events, list) or not events or not all(isinstance(e, str) for e in events):
-        raise BillingError("events must be a non-empty list of event names", code="validation_error", status=422)
+        raise BillingError(
+            "events must be a non-empty list of event names", code="validation_error", status=422
+        )
     unknown = sorted(set(events) - set(EVENTS))
     if unknown:
-        raise BillingError(f"unknown event(s) {', '.join(unknown)}; known: {', '.join(EVENTS)}",
-                           code="validation_error", status=422)
+        raise BillingError(
+            f"unknown event(s) {', '.join(unknown)}; known: {', '.join(EVENTS)}",
+            code="validation_error",
+            status=422,
+        )
     return sorted(set(events))
 
 
@@ -131,8 +148,11 @@ def check_secret(secret: Any) -> str:
     if secret is None:
         return "whsec_" + secrets.token_urlsafe(32)
     if not isinstance(secret, str) or not SECRET_MIN <= len(secret) <= SECRET_MAX:
-        raise BillingError(f"secret must be a string of {SECRET_MIN} to {SECRET_MAX} characters",
-                           code="validation_error", status=422)
+        raise BillingError(
+            f"secret must be a string of {SECRET_MIN} to {SECRET_MAX} characters",
+            code="validation_error",
+            status=422,
+        )
     return secret
 
 
@@ -145,21 +165,32 @@ async def subscribe(
         if store.kind == "postgres":
             # Count-then-insert is only a limit if subscribes of one owner take turns.
             await tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", "webhooks:" + owner_id)
-        n = await tx.fetchval("SELECT COUNT(*) FROM webhooks WHERE owner_id = $1 AND active = 1", owner_id)
+        n = await tx.fetchval(
+            "SELECT COUNT(*) FROM webhooks WHERE owner_id = $1 AND active = 1", owner_id
+        )
         if int(n) >= max_per_owner:
-            raise BillingError(f"at most {max_per_owner} webhooks per owner", code="webhook_limit_reached",
-                               status=409)
+            raise BillingError(
+                f"at most {max_per_owner} webhooks per owner",
+                code="webhook_limit_reached",
+                status=409,
+            )
         await tx.execute(
             "INSERT INTO webhooks (id, owner_id, url, events, secret, active, created_at)"
             " VALUES ($1, $2, $3, $4, $5, 1, $6)",
-            sid, owner_id, url, json.dumps(events), secret, now,
+            sid,
+            owner_id,
+            url,
+            json.dumps(events),
+            secret,
+            now,
         )
     return Subscription(sid, owner_id, url, events, True, now)
 
 
 async def list_subscriptions(store: Store, owner_id: str) -> list[Subscription]:
     rows = await store.fetch(
-        "SELECT * FROM webhooks WHERE owner_id = $1 AND active = 1 ORDER BY created_at, id", owner_id
+        "SELECT * FROM webhooks WHERE owner_id = $1 AND active = 1 ORDER BY created_at, id",
+        owner_id,
     )
     return [_sub(r) for r in rows]
 
@@ -172,7 +203,9 @@ async def unsubscribe(store: Store, owner_id: str, webhook_id: str) -> None:
             raise BillingError("no such webhook", code="webhook_not_found", status=404)
         if row["owner_id"] != owner_id:
             raise BillingError("not your webhook", code="forbidden", status=403)
-        await tx.execute("UPDATE webhooks SET active = 0, deleted_at = $2 WHERE id = $1", webhook_id, now_ms())
+        await tx.execute(
+            "UPDATE webhooks SET active = 0, deleted_at = $2 WHERE id = $1", webhook_id, now_ms()
+        )
         await tx.execute(
             "UPDATE webhook_deliveries SET status = 'cancelled', claim = NULL"
             " WHERE webhook_id = $1 AND status = 'pending'",
@@ -204,14 +237,25 @@ async def enqueue_event(
             continue
         did = new_id("whd")
         body = json.dumps(
-            {"event": event, "payload": payload, "timestamp": _iso(now), "webhook_id": r["id"],
-             "delivery_id": did},
-            separators=(",", ":"), sort_keys=True,
+            {
+                "event": event,
+                "payload": payload,
+                "timestamp": _iso(now),
+                "webhook_id": r["id"],
+                "delivery_id": did,
+            },
+            separators=(",", ":"),
+            sort_keys=True,
         )
         await tx.execute(
             "INSERT INTO webhook_deliveries (id, webhook_id, owner_id, event, body, status, attempts,"
             " next_attempt_at, created_at) VALUES ($1, $2, $3, $4, $5, 'pending', 0, $6, $6)",
-            did, r["id"], owner_id, event, body, now,
+            did,
+            r["id"],
+            owner_id,
+            event,
+            body,
+            now,
         )
         queued += 1
     return queued
@@ -261,12 +305,22 @@ def service_called_hook(
         if not targets:
             return  # the common case: one set lookup, no SQL
         payload = {
-            "usage_id": u.id, "service_id": u.service_id, "buyer_id": u.buyer_id,
-            "provider_id": u.provider_id, "amount": format_amount(charged, decimals),
-            "amount_units": charged, "asset": u.asset, "payment_method": u.payment_method,
-            "free_tier": bool(o.free_tier and charged == 0 and u.upstream_status is not None
-                              and u.upstream_status < 500),
-            "status_code": u.upstream_status, "latency_ms": u.latency_ms,
+            "usage_id": u.id,
+            "service_id": u.service_id,
+            "buyer_id": u.buyer_id,
+            "provider_id": u.provider_id,
+            "amount": format_amount(charged, decimals),
+            "amount_units": charged,
+            "asset": u.asset,
+            "payment_method": u.payment_method,
+            "free_tier": bool(
+                o.free_tier
+                and charged == 0
+                and u.upstream_status is not None
+                and u.upstream_status < 500
+            ),
+            "status_code": u.upstream_status,
+            "latency_ms": u.latency_ms,
         }
         for owner in targets:
             await enqueue_event(tx, owner, SERVICE_CALLED, payload)
@@ -279,19 +333,27 @@ def service_called_hook(
 
 def render_delivery(r: Any) -> dict[str, Any]:
     return {
-        "id": r["id"], "webhook_id": r["webhook_id"], "event": r["event"], "status": r["status"],
+        "id": r["id"],
+        "webhook_id": r["webhook_id"],
+        "event": r["event"],
+        "status": r["status"],
         "attempts": int(r["attempts"]),
         "next_attempt_at": _iso(int(r["next_attempt_at"])) if r["status"] == PENDING else None,
-        "last_status": r["last_status"], "last_error": r["last_error"],
+        "last_status": r["last_status"],
+        "last_error": r["last_error"],
         "created_at": _iso(int(r["created_at"])),
         "delivered_at": _iso(int(r["delivered_at"])) if r["delivered_at"] is not None else None,
         "body": json.loads(r["body"]),
     }
 
 
-async def list_deliveries(store: Store, owner_id: str, status: str | None, limit: int) -> list[dict[str, Any]]:
+async def list_deliveries(
+    store: Store, owner_id: str, status: str | None, limit: int
+) -> list[dict[str, Any]]:
     if status is not None and status not in DELIVERY_STATUSES:
-        raise BillingError(f"status must be one of {', '.join(DELIVERY_STATUSES)}", code="invalid_query")
+        raise BillingError(
+            f"status must be one of {', '.join(DELIVERY_STATUSES)}", code="invalid_query"
+        )
     args: list[Any] = [owner_id]
     cond = ""
     if status:
@@ -317,12 +379,16 @@ async def redrive(store: Store, owner_id: str, delivery_id: str) -> None:
         if row is None or row["owner_id"] != owner_id:
             raise BillingError("no such delivery", code="delivery_not_found", status=404)
         if row["status"] != DEAD or not row["active"]:
-            raise BillingError("only dead deliveries of an active webhook can be retried",
-                               code="conflict", status=409)
+            raise BillingError(
+                "only dead deliveries of an active webhook can be retried",
+                code="conflict",
+                status=409,
+            )
         await tx.execute(
             "UPDATE webhook_deliveries SET status = 'pending', attempts = 0, next_attempt_at = $2,"
             " claim = NULL WHERE id = $1 AND status = 'dead'",
-            delivery_id, now_ms(),
+            delivery_id,
+            now_ms(),
         )
 
 
@@ -358,11 +424,15 @@ class DeliveryWorker:
 
     def start(self) -> None:
         connector = aiohttp.TCPConnector(
-            limit=64, resolver=PolicyResolver(self.cfg.allow_private), ttl_dns_cache=10,
+            limit=64,
+            resolver=PolicyResolver(self.cfg.allow_private),
+            ttl_dns_cache=10,
         )
         self._session = aiohttp.ClientSession(
-            connector=connector, timeout=aiohttp.ClientTimeout(total=self.cfg.timeout),
-            cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False,
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=self.cfg.timeout),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
         )
         self._task = asyncio.get_running_loop().create_task(self._run(), name="webhook-worker")
 
@@ -386,7 +456,8 @@ class DeliveryWorker:
             await self.store.execute(
                 "UPDATE webhook_deliveries SET claim = NULL, next_attempt_at = $2"
                 " WHERE claim = $1 AND status = 'pending'",
-                self.token, now_ms(),
+                self.token,
+                now_ms(),
             )
         except Exception:
             log.exception("could not release webhook claims (they expire with their lease)")
@@ -430,16 +501,21 @@ class DeliveryWorker:
                 f" AND next_attempt_at <= $3 ORDER BY next_attempt_at LIMIT $4{skip})"
                 " AND status = 'pending' AND next_attempt_at <= $3"
                 " RETURNING id, webhook_id, event, body, attempts",
-                self.token, now + self.lease_ms, now, self.cfg.batch,
+                self.token,
+                now + self.lease_ms,
+                now,
+                self.cfg.batch,
             )
 
     async def _attempt(self, r: Any) -> None:
-        hook = await self.store.fetchrow("SELECT url, secret, active FROM webhooks WHERE id = $1",
-                                         r["webhook_id"])
+        hook = await self.store.fetchrow(
+            "SELECT url, secret, active FROM webhooks WHERE id = $1", r["webhook_id"]
+        )
         if hook is None or not hook["active"]:
             await self.store.execute(
                 "UPDATE webhook_deliveries SET status = 'cancelled', claim = NULL WHERE id = $1 AND claim = $2",
-                r["id"], self.token,
+                r["id"],
+                self.token,
             )
             return
         body = r["body"].encode("utf-8")
@@ -454,7 +530,9 @@ class DeliveryWorker:
         error: str | None = None
         assert self._session is not None
         try:
-            async with self._session.post(hook["url"], data=body, headers=headers, allow_redirects=False) as resp:
+            async with self._session.post(
+                hook["url"], data=body, headers=headers, allow_redirects=False
+            ) as resp:
                 status = resp.status
                 await resp.content.read(4096)  # a little of the answer, to reuse the connection
             if not 200 <= status < 300:
@@ -477,21 +555,32 @@ class DeliveryWorker:
             n = await self.store.execute(
                 "UPDATE webhook_deliveries SET status = 'delivered', attempts = $3, last_status = $4,"
                 " last_error = NULL, delivered_at = $5, claim = NULL WHERE id = $1 AND claim = $2",
-                r["id"], self.token, attempts, status, now,
+                r["id"],
+                self.token,
+                attempts,
+                status,
+                now,
             )
         elif attempts >= self.cfg.max_attempts:
             n = await self.store.execute(
                 "UPDATE webhook_deliveries SET status = 'dead', attempts = $3, last_status = $4,"
                 " last_error = $5, claim = NULL WHERE id = $1 AND claim = $2",
-                r["id"], self.token, attempts, status, error[:500],
+                r["id"],
+                self.token,
+                attempts,
+                status,
+                error[:500],
             )
         else:
             n = await self.store.execute(
                 "UPDATE webhook_deliveries SET attempts = $3, last_status = $4, last_error = $5,"
                 " next_attempt_at = $6, claim = NULL WHERE id = $1 AND claim = $2",
-                r["id"], self.token, attempts, status, error[:500],
+                r["id"],
+                self.token,
+                attempts,
+                status,
+                error[:500],
                 now + backoff_ms(self.cfg.backoff_base, attempts),
             )
         if n != 1:
             log.warning("webhook delivery %s: claim lost before its result was recorded", r["id"])
-

@@ -21,8 +21,13 @@ DAY = 86_400_000
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLWAY_")}
-    return subprocess.run([sys.executable, "-m", "proxy.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "proxy.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def ledger_verify(db_url: str) -> subprocess.CompletedProcess[str]:
@@ -33,7 +38,9 @@ def iso(ms: int) -> str:
     return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).isoformat().replace("+00:00", "Z")
 
 
-async def ledger_sums(store: Store, provider: str, usage_ids: list[str] | None = None) -> dict[str, int]:
+async def ledger_sums(
+    store: Store, provider: str, usage_ids: list[str] | None = None
+) -> dict[str, int]:
     """gross / call fee / provider share / count of the provider's posted charges, from the journal."""
     rows = await store.fetch(
         "SELECT u.id, t.kind, t.amount FROM usage_records u JOIN transfers t ON t.usage_id = u.id"
@@ -54,20 +61,28 @@ async def ledger_sums(store: Store, provider: str, usage_ids: list[str] | None =
 
 
 async def charged_ids(store: Store, provider: str) -> list[str]:
-    return [r["id"] for r in await store.fetch(
-        "SELECT id FROM usage_records WHERE provider_id = $1 AND amount > 0", provider)]
+    return [
+        r["id"]
+        for r in await store.fetch(
+            "SELECT id FROM usage_records WHERE provider_id = $1 AND amount > 0", provider
+        )
+    ]
 
 
 async def balance(store: Store, account_id: str) -> int:
     return int(await store.fetchval("SELECT balance FROM accounts WHERE id = $1", account_id) or 0)
 
 
-async def test_settlement_totals_equal_the_ledger_and_never_double_count(tollway: InProcess, upstream: Upstream):
+async def test_settlement_totals_equal_the_ledger_and_never_double_count(
+    tollway: InProcess, upstream: Upstream
+):
     tw, store = tollway, tollway.rt.store
     p = await tw.key("prov", "provider")
     other = await tw.key("other", "provider")
     a = await tw.service(p, upstream.url, price="0.10")
-    b = await tw.service(p, upstream.url, price="0.000015")  # fee 1.5 units: rounds down at call time
+    b = await tw.service(
+        p, upstream.url, price="0.000015"
+    )  # fee 1.5 units: rounds down at call time
     free = await tw.service(p, upstream.url, price="0.20", free=2)
     buyer = await tw.key("buyer")
     await tw.credit("buyer", "10.00")
@@ -83,7 +98,11 @@ async def test_settlement_totals_equal_the_ledger_and_never_double_count(tollway
     assert st == 201, s1
     want = await ledger_sums(store, "prov")
     assert (s1["total_units"], s1["fee_units"], s1["net_units"], s1["call_count"]) == (
-        want["gross"], want["fee"], want["share"], want["count"])
+        want["gross"],
+        want["fee"],
+        want["share"],
+        want["count"],
+    )
     assert s1["total_units"] == 6 * 100_000 + 4 * 15 + 200_000 and s1["total_amount"] == "0.80006"
     assert s1["status"] == "pending" and s1["fee_adjustment_units"] == 0
 
@@ -97,17 +116,32 @@ async def test_settlement_totals_equal_the_ledger_and_never_double_count(tollway
         await tw.call(a, "ok", buyer)
     new_ids = sorted(set(await charged_ids(store, "prov")) - set(first_batch))
     assert len(new_ids) == 3
-    wide = {"provider_id": "prov", "period_start": iso(now - 2 * DAY), "period_end": iso(now + 2 * DAY)}
+    wide = {
+        "provider_id": "prov",
+        "period_start": iso(now - 2 * DAY),
+        "period_end": iso(now + 2 * DAY),
+    }
     st, s2, _ = await tw.api("POST", "/api/v1/settlements", tw.admin, json=wide)
     assert st == 201, s2
     want2 = await ledger_sums(store, "prov", new_ids)
     assert (s2["total_units"], s2["fee_units"], s2["net_units"], s2["call_count"]) == (
-        want2["gross"], want2["fee"], want2["share"], 3)
+        want2["gross"],
+        want2["fee"],
+        want2["share"],
+        3,
+    )
 
     # Yet another overlapping period (a month) finds nothing left.
-    st, err, _ = await tw.api("POST", "/api/v1/settlements", tw.admin,
-                              json={"provider_id": "prov", "period_start": iso(now - 20 * DAY),
-                                    "period_end": iso(now + 20 * DAY)})
+    st, err, _ = await tw.api(
+        "POST",
+        "/api/v1/settlements",
+        tw.admin,
+        json={
+            "provider_id": "prov",
+            "period_start": iso(now - 20 * DAY),
+            "period_end": iso(now + 20 * DAY),
+        },
+    )
     assert st == 422 and err["error"]["code"] == "nothing_to_settle"
     items = await store.fetch("SELECT usage_id, settlement_id FROM settlement_items")
     assert sorted(r["usage_id"] for r in items) == sorted(await charged_ids(store, "prov"))
@@ -122,25 +156,49 @@ async def test_settlement_totals_equal_the_ledger_and_never_double_count(tollway
     assert st == 200 and theirs["count"] == 0
     assert (await tw.api("GET", "/api/v1/settlements?provider_id=prov", other))[0] == 403
     assert (await tw.api("GET", f"/api/v1/settlements/{s1['id']}", other))[0] == 404
-    st, all_, _ = await tw.api("GET", "/api/v1/settlements?provider_id=prov&status=pending", tw.admin)
+    st, all_, _ = await tw.api(
+        "GET", "/api/v1/settlements?provider_id=prov&status=pending", tw.admin
+    )
     assert st == 200 and all_["count"] == 2
     assert (await tw.api("GET", "/api/v1/settlements", buyer))[0] == 403
 
     # Paying: the payout posts once; twice is 409; unknown is 404.
     earn = j.earnings("prov", "USDC").id
     assert await balance(store, earn) == total["share"]
-    st, paid, _ = await tw.api("PATCH", f"/api/v1/settlements/{s1['id']}/pay", tw.admin, json={"payment_tx": "0xaa"})
-    assert st == 200 and paid == {"status": "completed", "payment_tx": "0xaa", "settlement_id": s1["id"],
-                                  "net_amount": s1["net_amount"]}
-    st, dup, _ = await tw.api("PATCH", f"/api/v1/settlements/{s1['id']}/pay", tw.admin, json={"payment_tx": "0xbb"})
+    st, paid, _ = await tw.api(
+        "PATCH", f"/api/v1/settlements/{s1['id']}/pay", tw.admin, json={"payment_tx": "0xaa"}
+    )
+    assert st == 200 and paid == {
+        "status": "completed",
+        "payment_tx": "0xaa",
+        "settlement_id": s1["id"],
+        "net_amount": s1["net_amount"],
+    }
+    st, dup, _ = await tw.api(
+        "PATCH", f"/api/v1/settlements/{s1['id']}/pay", tw.admin, json={"payment_tx": "0xbb"}
+    )
     assert st == 409 and dup["error"]["code"] == "already_paid"
-    assert (await tw.api("PATCH", "/api/v1/settlements/stl_nope/pay", tw.admin, json={"payment_tx": "0x"}))[0] == 404
-    assert (await tw.api("PATCH", f"/api/v1/settlements/{s2['id']}/pay", p, json={"payment_tx": "0x"}))[0] == 403
-    assert (await tw.api("PATCH", f"/api/v1/settlements/{s2['id']}/pay", tw.admin, json={}))[0] == 422
-    st, _, _ = await tw.api("PATCH", f"/api/v1/settlements/{s2['id']}/pay", tw.admin, json={"payment_tx": "0xcc"})
+    assert (
+        await tw.api(
+            "PATCH", "/api/v1/settlements/stl_nope/pay", tw.admin, json={"payment_tx": "0x"}
+        )
+    )[0] == 404
+    assert (
+        await tw.api("PATCH", f"/api/v1/settlements/{s2['id']}/pay", p, json={"payment_tx": "0x"})
+    )[0] == 403
+    assert (await tw.api("PATCH", f"/api/v1/settlements/{s2['id']}/pay", tw.admin, json={}))[
+        0
+    ] == 422
+    st, _, _ = await tw.api(
+        "PATCH", f"/api/v1/settlements/{s2['id']}/pay", tw.admin, json={"payment_tx": "0xcc"}
+    )
     assert st == 200
-    payouts = await store.fetch("SELECT amount, idempotency_key FROM transfers WHERE kind = 'payout'")
-    assert sorted(r["idempotency_key"] for r in payouts) == sorted([f"payout:{s1['id']}", f"payout:{s2['id']}"])
+    payouts = await store.fetch(
+        "SELECT amount, idempotency_key FROM transfers WHERE kind = 'payout'"
+    )
+    assert sorted(r["idempotency_key"] for r in payouts) == sorted(
+        [f"payout:{s1['id']}", f"payout:{s2['id']}"]
+    )
     assert sum(int(r["amount"]) for r in payouts) == total["share"]
     assert await balance(store, earn) == 0
     st, listed, _ = await tw.api("GET", f"/api/v1/settlements/{s1['id']}", p)
@@ -160,8 +218,10 @@ async def test_growth_program_fee_is_booked_exactly(db_url: str, tmp_path, upstr
         pb = await tw.key("prov_b", "provider")
         sa = await tw.service(pa, upstream.url, price="0.10")
         sb = await tw.service(pb, upstream.url, price="0.10")
-        await tw.rt.store.execute("UPDATE providers SET registered_at = $1 WHERE provider_id = 'prov_b'",
-                                  now_ms() - 100 * DAY)
+        await tw.rt.store.execute(
+            "UPDATE providers SET registered_at = $1 WHERE provider_id = 'prov_b'",
+            now_ms() - 100 * DAY,
+        )
     finally:
         await tw.close()
     # A restart loads prov_b's (backdated) registration: its calls pay 10% at call time.
@@ -176,12 +236,21 @@ async def test_growth_program_fee_is_booked_exactly(db_url: str, tmp_path, upstr
         assert (await ledger_sums(store, "prov_b"))["fee"] == 20_000
         # Registration records are corrected: prov_a is in its second month, prov_b in its first.
         reg_a = now_ms() - 45 * DAY
-        await store.execute("UPDATE providers SET registered_at = $1 WHERE provider_id = 'prov_a'", reg_a)
-        await store.execute("UPDATE providers SET registered_at = $1 WHERE provider_id = 'prov_b'", now_ms())
+        await store.execute(
+            "UPDATE providers SET registered_at = $1 WHERE provider_id = 'prov_a'", reg_a
+        )
+        await store.execute(
+            "UPDATE providers SET registered_at = $1 WHERE provider_id = 'prov_b'", now_ms()
+        )
 
         st, c, _ = await tw.api("GET", "/api/v1/admin/providers/prov_a/commission", tw.admin)
         assert st == 200 and c["registered"] is True
-        assert (c["month_number"], c["current_rate"], c["current_rate_bps"], c["next_tier_rate"]) == (2, "0.05", 500, "0.10")
+        assert (
+            c["month_number"],
+            c["current_rate"],
+            c["current_rate_bps"],
+            c["next_tier_rate"],
+        ) == (2, "0.05", 500, "0.10")
         assert c["next_tier_date"] == iso(reg_a + 2 * MONTH_MS)[:19] + "Z"
         assert c["schedule_bps"] == [0, 500, 1000]
         assert (await tw.api("GET", "/api/v1/admin/providers/prov_a/commission", pa))[0] == 403
@@ -191,23 +260,45 @@ async def test_growth_program_fee_is_booked_exactly(db_url: str, tmp_path, upstr
         fees_acct = j.fees("USDC").id
         now = now_ms()
         span = {"period_start": iso(now - DAY), "period_end": iso(now + DAY)}
-        st, a, _ = await tw.api("POST", "/api/v1/settlements", tw.admin, json={"provider_id": "prov_a", **span})
+        st, a, _ = await tw.api(
+            "POST", "/api/v1/settlements", tw.admin, json={"provider_id": "prov_a", **span}
+        )
         assert st == 201, a
         assert (a["total_units"], a["fee_units"], a["net_units"], a["fee_at_call_units"]) == (
-            300_000, 15_000, 285_000, 0)
+            300_000,
+            15_000,
+            285_000,
+            0,
+        )
         assert a["fee_adjustment_units"] == 15_000 and a["platform_fee"] == "0.015"
-        st, b, _ = await tw.api("POST", "/api/v1/settlements", tw.admin, json={"provider_id": "prov_b", **span})
-        assert (b["total_units"], b["fee_units"], b["net_units"], b["fee_at_call_units"]) == (200_000, 0, 200_000, 20_000)
+        st, b, _ = await tw.api(
+            "POST", "/api/v1/settlements", tw.admin, json={"provider_id": "prov_b", **span}
+        )
+        assert (b["total_units"], b["fee_units"], b["net_units"], b["fee_at_call_units"]) == (
+            200_000,
+            0,
+            200_000,
+            20_000,
+        )
         assert b["fee_adjustment_units"] == -20_000
         # After settling, each provider's earnings hold exactly the net; fees exactly the fees.
         assert await balance(store, j.earnings("prov_a", "USDC").id) == 285_000
         assert await balance(store, j.earnings("prov_b", "USDC").id) == 200_000
         assert await balance(store, fees_acct) == 15_000
-        kinds = {r["kind"]: int(r["amount"]) for r in await store.fetch(
-            "SELECT kind, amount FROM transfers WHERE kind IN ('settlement_fee', 'settlement_rebate')")}
+        kinds = {
+            r["kind"]: int(r["amount"])
+            for r in await store.fetch(
+                "SELECT kind, amount FROM transfers WHERE kind IN ('settlement_fee', 'settlement_rebate')"
+            )
+        }
         assert kinds == {"settlement_fee": 15_000, "settlement_rebate": 20_000}
         for s in (a, b):
-            st, _, _ = await tw.api("PATCH", f"/api/v1/settlements/{s['id']}/pay", tw.admin, json={"payment_tx": "t-" + s["id"]})
+            st, _, _ = await tw.api(
+                "PATCH",
+                f"/api/v1/settlements/{s['id']}/pay",
+                tw.admin,
+                json={"payment_tx": "t-" + s["id"]},
+            )
             assert st == 200
         assert await balance(store, j.earnings("prov_a", "USDC").id) == 0
         assert await balance(store, j.earnings("prov_b", "USDC").id) == 0
@@ -218,22 +309,51 @@ async def test_growth_program_fee_is_booked_exactly(db_url: str, tmp_path, upstr
     assert r.returncode == 0, r.stdout
 
 
-async def _generate(store: Store, provider: str, n: int, month_start: int, price: int, fee: int) -> None:
+async def _generate(
+    store: Store, provider: str, n: int, month_start: int, price: int, fee: int
+) -> None:
     """n posted charges spread over one 30-day window, through the real ledger operations."""
-    await store.execute("INSERT INTO providers (provider_id, registered_at) VALUES ($1, $2)"
-                        " ON CONFLICT (provider_id) DO NOTHING", provider, month_start - 400 * DAY)
+    await store.execute(
+        "INSERT INTO providers (provider_id, registered_at) VALUES ($1, $2)"
+        " ON CONFLICT (provider_id) DO NOTHING",
+        provider,
+        month_start - 400 * DAY,
+    )
     buyer = f"gen_buyer_{provider}"
     async with store.transaction() as tx:
-        await ops.credit(tx, ops.Credit(buyer, "USDC", price * n, "admin_credit", f"gen:{provider}:{month_start}"))
+        await ops.credit(
+            tx,
+            ops.Credit(buyer, "USDC", price * n, "admin_credit", f"gen:{provider}:{month_start}"),
+        )
     step = (28 * DAY) // n
     for lo in range(0, n, 500):
+
         async def batch(tx, lo=lo):
             for i in range(lo, min(n, lo + 500)):
-                u = ops.Usage(id=f"use_{provider}_{month_start}_{i:06d}", buyer_id=buyer, service_id=f"svc_{provider}",
-                              provider_id=provider, asset="USDC", payment_method="prepaid", upstream_status=200,
-                              latency_ms=1.0, created_at=month_start + i * step)
-                await ops.finish(tx, ops.Outcome(usage=u, mode="paid", hold_id=None, held=price, charge=price,
-                                                 fee=fee, free_tier=False))
+                u = ops.Usage(
+                    id=f"use_{provider}_{month_start}_{i:06d}",
+                    buyer_id=buyer,
+                    service_id=f"svc_{provider}",
+                    provider_id=provider,
+                    asset="USDC",
+                    payment_method="prepaid",
+                    upstream_status=200,
+                    latency_ms=1.0,
+                    created_at=month_start + i * step,
+                )
+                await ops.finish(
+                    tx,
+                    ops.Outcome(
+                        usage=u,
+                        mode="paid",
+                        hold_id=None,
+                        held=price,
+                        charge=price,
+                        fee=fee,
+                        free_tier=False,
+                    ),
+                )
+
         async with store.transaction() as tx:
             await batch(tx)
 
@@ -254,20 +374,32 @@ async def test_cli_settles_a_large_ledger_with_a_progress_bar(store: Store, db_u
     rows = {x["provider_id"]: x for x in await store.fetch("SELECT * FROM settlements")}
     assert int(rows["p_big"]["call_count"]) == 2500 and int(rows["p_small"]["call_count"]) == 40
     for pid in ("p_big", "p_small"):
-        ids = [x["id"] for x in await store.fetch(
-            "SELECT id FROM usage_records WHERE provider_id = $1 AND created_at >= $2 AND created_at < $3",
-            pid, march, april)]
+        ids = [
+            x["id"]
+            for x in await store.fetch(
+                "SELECT id FROM usage_records WHERE provider_id = $1 AND created_at >= $2 AND created_at < $3",
+                pid,
+                march,
+                april,
+            )
+        ]
         want = await ledger_sums(store, pid, ids)
         got = rows[pid]
         assert (int(got["gross"]), int(got["fee"]), int(got["net"]), int(got["call_count"])) == (
-            want["gross"], want["fee"], want["share"], want["count"])
+            want["gross"],
+            want["fee"],
+            want["share"],
+            want["count"],
+        )
 
     again = cli("settle", "--period", "2025-03", "--database-url", db_url)
     assert again.returncode == 0 and again.stdout.strip() == "nothing to settle for 2025-03"
     one = cli("settle", "--period", "2025-03", "--provider", "p_big", "--database-url", db_url)
     assert one.returncode == 0 and "exists" in one.stdout and rows["p_big"]["id"] in one.stdout
     assert int(await store.fetchval("SELECT COUNT(*) FROM settlements")) == 2
-    april_run = cli("settle", "--period", "2025-04", "--provider", "p_big", "--database-url", db_url)
+    april_run = cli(
+        "settle", "--period", "2025-04", "--provider", "p_big", "--database-url", db_url
+    )
     assert "10 charges" in april_run.stdout
     assert cli("settle", "--period", "2025-3", "--database-url", db_url).returncode == 2
     r = ledger_verify(db_url)
@@ -286,11 +418,18 @@ async def test_concurrent_overlapping_settlements_never_share_a_charge(store: St
 
     march, april = ms(2025, 3, 1), ms(2025, 4, 1)
     await _generate(store, "p_race", 600, march, 10_000, 1_000)
-    periods = [(march, april), (march, ms(2025, 3, 15)), (ms(2025, 3, 10), april), (ms(2025, 1, 1), ms(2026, 1, 1)),
-               (march, april), (ms(2025, 3, 20), ms(2025, 3, 25))]
+    periods = [
+        (march, april),
+        (march, ms(2025, 3, 15)),
+        (ms(2025, 3, 10), april),
+        (ms(2025, 1, 1), ms(2026, 1, 1)),
+        (march, april),
+        (ms(2025, 3, 20), ms(2025, 3, 25)),
+    ]
     policy = FeePolicy(1000)
-    results = await asyncio.gather(*(
-        create_settlement(store, policy, "p_race", "USDC", a, b, chunk=25) for a, b in periods))
+    results = await asyncio.gather(
+        *(create_settlement(store, policy, "p_race", "USDC", a, b, chunk=25) for a, b in periods)
+    )
     made = {r.settlement["id"]: r.settlement for r in results if r.settlement is not None}
     same = [results[0].settlement, results[4].settlement]  # the same request twice: one settlement
     assert same[0] is None and same[1] is None or same[0]["id"] == same[1]["id"]
@@ -300,7 +439,11 @@ async def test_concurrent_overlapping_settlements_never_share_a_charge(store: St
         mine = [r["usage_id"] for r in items if r["settlement_id"] == sid]
         want = await ledger_sums(store, "p_race", mine)
         assert (int(s["gross"]), int(s["fee"]), int(s["net"]), int(s["call_count"])) == (
-            want["gross"], want["fee"], want["share"], want["count"])
+            want["gross"],
+            want["fee"],
+            want["share"],
+            want["count"],
+        )
     assert sum(int(s["call_count"]) for s in made.values()) == 600
     assert all(s["status"] == "pending" for s in made.values())
 
@@ -337,9 +480,11 @@ async def test_payouts_of_earnings_take_unpaid_settlements_exactly_once(store: S
 
     assert await stl.plan_payout(store, "p_pay", "USDC") == stl.PayoutPlan((s1["id"],), 27_000)
     assert await stl.plan_payout(store, "p_pay", "USDC", amount=45_000) == stl.PayoutPlan(
-        (s1["id"], s2["id"]), 45_000)
-    assert await stl.plan_payout(store, "p_pay", "USDC", settlement_ids=[s3["id"], s2["id"]]) == stl.PayoutPlan(
-        (s3["id"], s2["id"]), 54_000)
+        (s1["id"], s2["id"]), 45_000
+    )
+    assert await stl.plan_payout(
+        store, "p_pay", "USDC", settlement_ids=[s3["id"], s2["id"]]
+    ) == stl.PayoutPlan((s3["id"], s2["id"]), 54_000)
     await refused("no_matching_settlement", amount=18_000)  # s2 alone is not the oldest
     await refused("no_matching_settlement", amount=30_000)
     await refused("amount_mismatch", settlement_ids=[s1["id"]], amount=1)
@@ -351,8 +496,17 @@ async def test_payouts_of_earnings_take_unpaid_settlements_exactly_once(store: S
     async def claim_and_debit(wid: str, plan: stl.PayoutPlan) -> None:
         async with store.transaction() as tx:
             await stl.claim_payout(tx, "p_pay", "USDC", wid, plan, now_ms())
-            assert await tx.transfer(Transfer(new_id("tr"), earn, j.world("USDC"), plan.amount,
-                                              "connect_payout", f"connect_payout:{wid}"), guard=True)
+            assert await tx.transfer(
+                Transfer(
+                    new_id("tr"),
+                    earn,
+                    j.world("USDC"),
+                    plan.amount,
+                    "connect_payout",
+                    f"connect_payout:{wid}",
+                ),
+                guard=True,
+            )
 
     async def status(s) -> tuple[str, str | None, str | None]:
         r = await stl.get(store, s["id"])
@@ -373,8 +527,16 @@ async def test_payouts_of_earnings_take_unpaid_settlements_exactly_once(store: S
     # Failed: unpaid again (the caller returns the money in the same transaction).
     async with store.transaction() as tx:
         assert await stl.release_payout(tx, "wd_a") == 2
-        await tx.transfer(Transfer(new_id("tr"), j.world("USDC"), earn, 45_000, "connect_payout_reversal",
-                                   "connect_reversal:wd_a"))
+        await tx.transfer(
+            Transfer(
+                new_id("tr"),
+                j.world("USDC"),
+                earn,
+                45_000,
+                "connect_payout_reversal",
+                "connect_reversal:wd_a",
+            )
+        )
     assert await status(s1) == ("pending", None, None)
     # Again, and made: completed with the payout's reference.
     await claim_and_debit("wd_c", plan)
@@ -386,7 +548,10 @@ async def test_payouts_of_earnings_take_unpaid_settlements_exactly_once(store: S
         await stl.pay(store, s2["id"], "0xmanual", 6)
     assert e.value.code == "already_paid" and "wd_c" in e.value.message
     assert await stl.payout_settlement_ids(store, ["wd_a", "wd_c", "wd_x"]) == {
-        "wd_a": sorted([s1["id"], s2["id"]]), "wd_c": sorted([s1["id"], s2["id"]]), "wd_x": []}
+        "wd_a": sorted([s1["id"], s2["id"]]),
+        "wd_c": sorted([s1["id"], s2["id"]]),
+        "wd_x": [],
+    }
     # What is left: s3, paid outside Tollway; then nothing.
     await stl.pay(store, s3["id"], "wire", 6)
     await refused("no_unpaid_settlement")

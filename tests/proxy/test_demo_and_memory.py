@@ -16,7 +16,11 @@ def test_demo_call_carries_billing_headers(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLWAY_")}
     r = subprocess.run(
         [sys.executable, "-m", "proxy.cli", "demo", "--once", "--port", str(free_port())],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert r.returncode == 0, r.stderr
     assert "curl -i -H 'Authorization: Bearer acf_" in r.stdout
@@ -24,7 +28,13 @@ def test_demo_call_carries_billing_headers(tmp_path):
     assert result["status"] == 200
     assert json.loads(result["body"])["message"] == "hello from the demo upstream"
     headers = {k.lower(): v for k, v in result["headers"].items()}
-    for name in ("x-acf-usage-id", "x-acf-amount", "x-acf-free-tier", "x-acf-latency-ms", "x-request-id"):
+    for name in (
+        "x-acf-usage-id",
+        "x-acf-amount",
+        "x-acf-free-tier",
+        "x-acf-latency-ms",
+        "x-request-id",
+    ):
         assert headers.get(name), name
     assert headers["x-acf-free-tier"] == "true" and headers["x-acf-amount"] == "0.00"
     assert (tmp_path / "data" / "demo.db").exists()
@@ -57,7 +67,9 @@ async def test_200mb_body_streams_with_flat_memory(tmp_path, upstream: Upstream)
                 await asyncio.sleep(0.05)
 
         sampler = asyncio.ensure_future(sample())
-        async with tw.session.get(f"{tw.base}/api/v1/proxy/{sid}/big?mb=200", headers={"Authorization": f"Bearer {b}"}) as r:
+        async with tw.session.get(
+            f"{tw.base}/api/v1/proxy/{sid}/big?mb=200", headers={"Authorization": f"Bearer {b}"}
+        ) as r:
             assert r.status == 200
             async for chunk in r.content.iter_chunked(1 << 20):
                 received += len(chunk)

@@ -412,8 +412,12 @@ async def test_batch_invoice_covers_100_calls_then_402(
         "GET", f"/payments/balance?partner=tollway&wallet={wallet}", await tw.key("nosy")
     )
     assert st == 403
-    st, bal, _ = await tw.api("GET", f"/payments/balance?partner=tollway&wallet={wallet}", wallet_key)
-    assert st == 200 and bal["balances"] == [{"asset": "USDC", "amountUnits": "0", "amount": "0.00"}]
+    st, bal, _ = await tw.api(
+        "GET", f"/payments/balance?partner=tollway&wallet={wallet}", wallet_key
+    )
+    assert st == 200 and bal["balances"] == [
+        {"asset": "USDC", "amountUnits": "0", "amount": "0.00"}
+    ]
     # another wallet cannot draw from this batch: it cannot sign for the payer
     other = Account.create()
     forged = other.sign_message(encode_defunct(text=inv["payerMessage"])).signature.hex()

@@ -16,24 +16,35 @@ from tests.support.upstream import Upstream
 
 async def ledger_revenue(store: Store, provider: str, service: str | None = None) -> int:
     """What buyers paid for the provider's calls, from the journal (charge + fee transfers)."""
-    cond, args = ("", [provider]) if service is None else (" AND u.service_id = $2", [provider, service])
-    return int(await store.fetchval(
-        "SELECT COALESCE(SUM(t.amount), 0) FROM transfers t JOIN usage_records u ON u.id = t.usage_id"
-        f" WHERE u.provider_id = $1 AND t.kind IN ('charge', 'fee'){cond}", *args))
+    cond, args = (
+        ("", [provider]) if service is None else (" AND u.service_id = $2", [provider, service])
+    )
+    return int(
+        await store.fetchval(
+            "SELECT COALESCE(SUM(t.amount), 0) FROM transfers t JOIN usage_records u ON u.id = t.usage_id"
+            f" WHERE u.provider_id = $1 AND t.kind IN ('charge', 'fee'){cond}",
+            *args,
+        )
+    )
 
 
 async def ledger_share(store: Store, provider: str, since_usage: set[str] | None = None) -> int:
     rows = await store.fetch(
         "SELECT usage_id, amount FROM transfers WHERE credit_account = $1 AND kind = 'charge'",
-        j.earnings(provider, "USDC").id)
-    return sum(int(r["amount"]) for r in rows if since_usage is None or r["usage_id"] in since_usage)
+        j.earnings(provider, "USDC").id,
+    )
+    return sum(
+        int(r["amount"]) for r in rows if since_usage is None or r["usage_id"] in since_usage
+    )
 
 
 async def balance(store: Store, account: str) -> int:
     return int(await store.fetchval("SELECT balance FROM accounts WHERE id = $1", account) or 0)
 
 
-async def generate(tw: InProcess, services: list[str], buyers: list[str], n: int, rng: random.Random) -> dict[str, int]:
+async def generate(
+    tw: InProcess, services: list[str], buyers: list[str], n: int, rng: random.Random
+) -> dict[str, int]:
     """n calls: mostly served, some upstream failures (uncharged), some 404s (served, charged)."""
     outcomes = {"ok": 0, "fail": 0, "404": 0}
     for _ in range(n):
@@ -67,16 +78,21 @@ async def test_portal_figures_equal_the_ledger(tollway: InProcess, upstream: Ups
     async def check(expect_unsettled: int | None = None) -> dict[str, Any]:
         st, dash, _ = await tw.api("GET", "/api/v1/provider/dashboard", p)
         assert st == 200
-        calls = int(await store.fetchval("SELECT COUNT(*) FROM usage_records WHERE provider_id = 'prov'"))
+        calls = int(
+            await store.fetchval("SELECT COUNT(*) FROM usage_records WHERE provider_id = 'prov'")
+        )
         assert dash["total_calls"] == calls == 80
         assert dash["total_revenue_units"] == await ledger_revenue(store, "prov")
         assert dash["total_services"] == 3 and dash["active_services"] == 3
         earn = await balance(store, j.earnings("prov", "USDC").id)
         u = dash["units"]
         assert u["balance"] == earn
-        paid = int(await store.fetchval(
-            "SELECT COALESCE(SUM(amount), 0) FROM transfers WHERE kind = 'payout' AND debit_account = $1",
-            j.earnings("prov", "USDC").id))
+        paid = int(
+            await store.fetchval(
+                "SELECT COALESCE(SUM(amount), 0) FROM transfers WHERE kind = 'payout' AND debit_account = $1",
+                j.earnings("prov", "USDC").id,
+            )
+        )
         assert u["paid_out"] == paid and u["earned"] == earn + paid
         assert u["balance"] == u["unsettled"] + u["settled_unpaid"]
         if expect_unsettled is not None:
@@ -85,53 +101,89 @@ async def test_portal_figures_equal_the_ledger(tollway: InProcess, upstream: Ups
         st, svcs, _ = await tw.api("GET", "/api/v1/provider/services", p)
         assert st == 200 and {s["id"] for s in svcs["services"]} == set(services)
         for s in svcs["services"]:
-            n = int(await store.fetchval("SELECT COUNT(*) FROM usage_records WHERE service_id = $1", s["id"]))
+            n = int(
+                await store.fetchval(
+                    "SELECT COUNT(*) FROM usage_records WHERE service_id = $1", s["id"]
+                )
+            )
             assert s["total_calls"] == n
             assert s["total_revenue_units"] == await ledger_revenue(store, "prov", s["id"])
             st, a, _ = await tw.api("GET", f"/api/v1/provider/services/{s['id']}/analytics", p)
-            assert st == 200 and a["total_calls"] == n and a["total_revenue_units"] == s["total_revenue_units"]
+            assert (
+                st == 200
+                and a["total_calls"] == n
+                and a["total_revenue_units"] == s["total_revenue_units"]
+            )
             assert sum(d["calls"] for d in a["daily"]) == n
             assert sum(d["revenue_units"] for d in a["daily"]) == a["total_revenue_units"]
             row = await store.fetchrow(
                 "SELECT COUNT(DISTINCT buyer_id) AS b, SUM(CASE WHEN upstream_status < 500 THEN 1 ELSE 0 END) AS ok"
-                " FROM usage_records WHERE service_id = $1", s["id"])
+                " FROM usage_records WHERE service_id = $1",
+                s["id"],
+            )
             assert a["unique_buyers"] == int(row["b"])
             assert a["success_rate"] == round(100.0 * int(row["ok"]) / n, 2)
-        assert sum(s["total_revenue_units"] for s in svcs["services"]) == dash["total_revenue_units"]
+        assert (
+            sum(s["total_revenue_units"] for s in svcs["services"]) == dash["total_revenue_units"]
+        )
         return dash
 
     before = await check()
     # Nothing settled yet: everything the provider earned at call time is pending.
-    assert before["units"]["unsettled"] == await ledger_share(store, "prov") == before["units"]["balance"]
+    assert (
+        before["units"]["unsettled"]
+        == await ledger_share(store, "prov")
+        == before["units"]["balance"]
+    )
 
-    st, s1, _ = await tw.api("POST", "/api/v1/settlements", tw.admin, json={"provider_id": "prov", "period": _month()})
+    st, s1, _ = await tw.api(
+        "POST", "/api/v1/settlements", tw.admin, json={"provider_id": "prov", "period": _month()}
+    )
     assert st == 201, s1
-    settled_ids = {r["usage_id"] for r in await store.fetch("SELECT usage_id FROM settlement_items")}
+    settled_ids = {
+        r["usage_id"] for r in await store.fetch("SELECT usage_id FROM settlement_items")
+    }
     mid = await check(expect_unsettled=0)
     assert mid["units"]["settled_unpaid"] == s1["net_units"]
 
     # More traffic after the settlement: only it is pending.
     st, _, late = await tw.call(services[0], "ok", buyers[0])
     assert st == 200 and late["X-ACF-Amount"] == "0.10"
-    new_ids = {r["id"] for r in await store.fetch(
-        "SELECT id FROM usage_records WHERE provider_id = 'prov' AND amount > 0")} - settled_ids
+    new_ids = {
+        r["id"]
+        for r in await store.fetch(
+            "SELECT id FROM usage_records WHERE provider_id = 'prov' AND amount > 0"
+        )
+    } - settled_ids
     assert new_ids == {late["X-ACF-Usage-Id"]}
     st, e, _ = await tw.api("GET", "/api/v1/provider/earnings", p)
     assert e["units"]["unsettled"] == await ledger_share(store, "prov", new_ids) > 0
     assert e["units"]["balance"] == e["units"]["unsettled"] + s1["net_units"]
     assert [x["id"] for x in e["settlements"]] == [s1["id"]]
 
-    st, _, _ = await tw.api("PATCH", f"/api/v1/settlements/{s1['id']}/pay", tw.admin, json={"payment_tx": "0xp"})
+    st, _, _ = await tw.api(
+        "PATCH", f"/api/v1/settlements/{s1['id']}/pay", tw.admin, json={"payment_tx": "0xp"}
+    )
     assert st == 200
     st, e, _ = await tw.api("GET", "/api/v1/provider/earnings", p)
-    assert e["units"]["paid_out"] == s1["net_units"] and e["units"]["settled_paid"] == s1["net_units"]
-    assert e["units"]["balance"] == e["units"]["unsettled"] == await balance(store, j.earnings("prov", "USDC").id)
+    assert (
+        e["units"]["paid_out"] == s1["net_units"] and e["units"]["settled_paid"] == s1["net_units"]
+    )
+    assert (
+        e["units"]["balance"]
+        == e["units"]["unsettled"]
+        == await balance(store, j.earnings("prov", "USDC").id)
+    )
     assert e["total_paid_out"] == s1["net_amount"] and e["settlements"][0]["status"] == "completed"
 
     # The rival's figures are its own.
     st, rd, _ = await tw.api("GET", "/api/v1/provider/dashboard", rival)
-    assert rd["total_calls"] == 5 and rd["total_revenue_units"] == await ledger_revenue(store, "rival")
-    assert (await tw.api("GET", f"/api/v1/provider/services/{services[0]}/analytics", rival))[0] == 403
+    assert rd["total_calls"] == 5 and rd["total_revenue_units"] == await ledger_revenue(
+        store, "rival"
+    )
+    assert (await tw.api("GET", f"/api/v1/provider/services/{services[0]}/analytics", rival))[
+        0
+    ] == 403
     assert (await tw.api("GET", "/api/v1/provider/services/nope/analytics", p))[0] == 404
     assert (await tw.api("GET", "/api/v1/provider/dashboard", buyers[0]))[0] == 403
     assert (await tw.api("GET", "/api/v1/provider/dashboard", None))[0] == 401
@@ -143,15 +195,22 @@ def _month() -> str:
     return time.strftime("%Y-%m", time.gmtime(now_ms() / 1000))
 
 
-async def test_keys_endpoint_test_and_onboarding(tollway: InProcess, upstream: Upstream, tmp_path, db_url: str):
+async def test_keys_endpoint_test_and_onboarding(
+    tollway: InProcess, upstream: Upstream, tmp_path, db_url: str
+):
     tw = tollway
     p = await tw.key("prov", "provider")
     st, ob, _ = await tw.api("GET", "/api/v1/provider/onboarding", p)
     assert st == 200 and ob["completed_steps"] == 1 and ob["total_steps"] == 5
-    assert ob["steps"]["create_api_key"]["completed"] and not ob["steps"]["register_service"]["completed"]
+    assert (
+        ob["steps"]["create_api_key"]["completed"]
+        and not ob["steps"]["register_service"]["completed"]
+    )
 
     # Keys: listed without secrets; a provider revokes its own, and it stops working at once.
-    st, second, _ = await tw.api("POST", "/api/v1/keys", tw.admin, json={"owner_id": "prov", "role": "provider"})
+    st, second, _ = await tw.api(
+        "POST", "/api/v1/keys", tw.admin, json={"owner_id": "prov", "role": "provider"}
+    )
     p2 = f"{second['key_id']}:{second['secret']}"
     other = await tw.key("other", "provider")
     st, ks, _ = await tw.api("GET", "/api/v1/provider/keys", p2)
@@ -189,7 +248,9 @@ async def test_keys_endpoint_test_and_onboarding(tollway: InProcess, upstream: U
     await tw.credit("buyer", "1.00")
     traffic = await tw.service(p, upstream.url, price="0.10")
     assert (await tw.call(traffic, "ok", b))[0] == 200
-    st, _, _ = await tw.api("POST", "/api/v1/settlements", tw.admin, json={"provider_id": "prov", "period": _month()})
+    st, _, _ = await tw.api(
+        "POST", "/api/v1/settlements", tw.admin, json={"provider_id": "prov", "period": _month()}
+    )
     assert st == 201
     st, ob, _ = await tw.api("GET", "/api/v1/provider/onboarding", p)
     assert ob["completed_steps"] == 5 and ob["completion_pct"] == 100.0

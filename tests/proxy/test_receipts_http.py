@@ -22,8 +22,9 @@ async def receipt_cli(receipt: str, keys: str) -> subprocess.CompletedProcess[st
     """`tollway receipt verify` as its own process; awaited, so the in-process server keeps serving."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLWAY_")}
     args = [sys.executable, "-m", "proxy.cli", "receipt", "verify", receipt, "--keys", keys]
-    proc = await asyncio.create_subprocess_exec(*args, env=env, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.PIPE)
+    proc = await asyncio.create_subprocess_exec(
+        *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
     out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
     assert proc.returncode is not None
     return subprocess.CompletedProcess(args, proc.returncode, out.decode(), err.decode())
@@ -32,12 +33,14 @@ async def receipt_cli(receipt: str, keys: str) -> subprocess.CompletedProcess[st
 def changed(receipt: str, i: int) -> str:
     c = receipt[i]
     if c == ".":
-        return receipt[:i] + "A" + receipt[i + 1:]
+        return receipt[:i] + "A" + receipt[i + 1 :]
     sub = ALPHABET[(ALPHABET.index(c) + 1) % len(ALPHABET)]
-    return receipt[:i] + sub + receipt[i + 1:]
+    return receipt[:i] + sub + receipt[i + 1 :]
 
 
-async def test_charged_call_receipt_verifies_offline_and_tampering_fails(tollway: InProcess, upstream: Upstream, tmp_path):
+async def test_charged_call_receipt_verifies_offline_and_tampering_fails(
+    tollway: InProcess, upstream: Upstream, tmp_path
+):
     tw = tollway
     p = await tw.key("prov", "provider")
     sid = await tw.service(p, upstream.url, price="0.25", free=1)
@@ -55,11 +58,17 @@ async def test_charged_call_receipt_verifies_offline_and_tampering_fails(tollway
     assert st == 200 and doc["keys"]
 
     payload = verify_receipt(receipt, doc)
-    row = await tw.rt.store.fetchrow("SELECT * FROM usage_records WHERE id = $1", h["X-ACF-Usage-Id"])
+    row = await tw.rt.store.fetchrow(
+        "SELECT * FROM usage_records WHERE id = $1", h["X-ACF-Usage-Id"]
+    )
     assert row is not None and int(row["amount"]) == 250_000
     assert payload["usage_id"] == h["X-ACF-Usage-Id"]
     assert (payload["service_id"], payload["buyer_id"], payload["amount"], payload["asset"]) == (
-        sid, "buyer", "250000", "USDC")
+        sid,
+        "buyer",
+        "250000",
+        "USDC",
+    )
 
     # Any one changed character (every position is tried) fails verification.
     for i in range(len(receipt)):

@@ -70,14 +70,36 @@ async def test_unconfigured_rails_answer_503(tollway: InProcess) -> None:
     key = await tollway.key("carol")
     prov = await tollway.key("prov", "provider")
     cases = [
-        ("POST", "/api/v1/wallet/deposit", key, {"tx_hash": "0x" + "ab" * 32}, "evm_not_configured"),
-        ("POST", "/api/v1/wallet/withdraw", key,
-         {"amount": "1.00", "to_address": Account.create().address}, "evm_not_configured"),
-        ("POST", "/api/v1/wallet/withdraw", key, {"amount": "1.00", "method": "stripe_connect"},
-         "stripe_not_configured"),
+        (
+            "POST",
+            "/api/v1/wallet/deposit",
+            key,
+            {"tx_hash": "0x" + "ab" * 32},
+            "evm_not_configured",
+        ),
+        (
+            "POST",
+            "/api/v1/wallet/withdraw",
+            key,
+            {"amount": "1.00", "to_address": Account.create().address},
+            "evm_not_configured",
+        ),
+        (
+            "POST",
+            "/api/v1/wallet/withdraw",
+            key,
+            {"amount": "1.00", "method": "stripe_connect"},
+            "stripe_not_configured",
+        ),
         ("POST", "/api/v1/wallet/topup", key, {"amount": "1.00"}, "stripe_not_configured"),
         ("POST", "/api/v1/wallet/setup-payment-method", key, {}, "stripe_not_configured"),
-        ("POST", "/api/v1/wallet/auto-topup", key, {"threshold": "1", "amount": "5"}, "stripe_not_configured"),
+        (
+            "POST",
+            "/api/v1/wallet/auto-topup",
+            key,
+            {"threshold": "1", "amount": "5"},
+            "stripe_not_configured",
+        ),
         ("POST", "/api/v1/stripe/webhook", None, {"id": "evt_1"}, "stripe_not_configured"),
         ("POST", "/api/v1/stripe/connect", prov, {}, "stripe_not_configured"),
         ("GET", "/api/v1/stripe/connect/status", prov, None, "stripe_not_configured"),
@@ -89,10 +111,15 @@ async def test_unconfigured_rails_answer_503(tollway: InProcess) -> None:
         assert data["error"]["message"]
 
 
-async def test_stripe_edge_validation_and_roles(db_url: str, tmp_path, stripe_server: StripeServer) -> None:
+async def test_stripe_edge_validation_and_roles(
+    db_url: str, tmp_path, stripe_server: StripeServer
+) -> None:
     tw = await start_inprocess(
-        db_url, tmp=str(tmp_path), stripe_api_key=stripe_server.api_key,
-        stripe_webhook_secret=stripe_server.webhook_secret, stripe_api_base=stripe_server.url,
+        db_url,
+        tmp=str(tmp_path),
+        stripe_api_key=stripe_server.api_key,
+        stripe_webhook_secret=stripe_server.webhook_secret,
+        stripe_api_base=stripe_server.url,
     )
     try:
         buyer = await tw.key("dora")
@@ -113,7 +140,10 @@ async def test_stripe_edge_validation_and_roles(db_url: str, tmp_path, stripe_se
         prov = await tw.key("prov", "provider")
         await tw.credit("prov", "1.00")
         st, data, _ = await tw.api(
-            "POST", "/api/v1/wallet/withdraw", prov, json={"amount": "1.00", "method": "stripe_connect"}
+            "POST",
+            "/api/v1/wallet/withdraw",
+            prov,
+            json={"amount": "1.00", "method": "stripe_connect"},
         )
         assert st == 409 and data["error"]["code"] == "connect_not_onboarded"
         # The webhook takes no key but refuses anything unsigned.
@@ -129,7 +159,6 @@ async def test_stripe_edge_validation_and_roles(db_url: str, tmp_path, stripe_se
         assert report.ok, report.render()
     finally:
         await tw.close()
-
 
 
 async def test_settlement_fields_of_a_withdrawal_are_checked_first(tollway: InProcess) -> None:
@@ -148,10 +177,15 @@ async def test_settlement_fields_of_a_withdrawal_are_checked_first(tollway: InPr
     ]
     for auth, body, field in cases:
         st, data, _ = await tollway.api("POST", "/api/v1/wallet/withdraw", auth, json=body)
-        assert (st, data["error"]["code"], data["error"].get("field")) == (422, "validation_error", field), (
-            body, data)
+        assert (st, data["error"]["code"], data["error"].get("field")) == (
+            422,
+            "validation_error",
+            field,
+        ), (body, data)
     # From earnings the amount is optional (the settlements' net); the rail is checked next.
-    st, data, _ = await tollway.api("POST", "/api/v1/wallet/withdraw", prov, json={"settlement_id": "stl_a"})
+    st, data, _ = await tollway.api(
+        "POST", "/api/v1/wallet/withdraw", prov, json={"settlement_id": "stl_a"}
+    )
     assert (st, data["error"]["code"]) == (503, "evm_not_configured"), data
     report = await verify(tollway.rt.store)
     assert report.ok, report.render()
