@@ -9,6 +9,7 @@ its invoices and x402 payments left (see ``billing.wallet_signin``).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from aiohttp import web
@@ -105,3 +106,14 @@ ROUTES: list[tuple[str, str, Any]] = [
     ("POST", "/auth/challenge", challenge),
     ("POST", "/auth/verify", verify),
 ]
+
+
+async def on_startup(app: web.Application, rt: Runtime) -> None:
+    s = rt.settings
+    if s.public_url is None and s.host not in ("127.0.0.1", "localhost", "::1"):
+        # Wallets compare a sign-in message's domain with the page that asks for it.
+        logging.getLogger("tollway.identity").warning(
+            "public_url is not set: wallet sign-in messages will name %s; set it to the"
+            " origin buyers use (https://api.example.com)",
+            s.public_origin,
+        )
