@@ -18,7 +18,13 @@ records the result:
 Delivery is at least once (nothing can be exactly once across a network); the
 ``X-ACF-Delivery-Id`` header lets a receiver drop the rare duplicate (a crash
 between the receiver's 200 and our commit). Bodies are signed with
-HMAC-SHA256 over the exact bytes sent (``X-ACF-Signature``, hex).
+HMAC-SHA256 over the exact bytes sent (``X-ACF-Signature``, hex, for ACF
+clients), and per Standard Webhooks (``webhook-id``, ``webhook-timestamp``,
+``webhook-signature``, made by the ``standardwebhooks`` library): the id and
+timestamp are signed with the body, so a receiver that checks the timestamp's
+tolerance refuses a replayed delivery. Its key is the subscription's secret
+as bytes; the receiver configures it as ``standard_secret``
+(``whsec_`` + base64 of those bytes), returned at creation.
 
 Billing layer: aiohttp's client only, never its web layer.
 """
@@ -26,6 +32,7 @@ Billing layer: aiohttp's client only, never its web layer.
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
 import hashlib
 import hmac
@@ -73,6 +80,22 @@ def sign(secret: str, body: bytes) -> str:
 
 def verify_signature(secret: str, body: bytes, signature: str) -> bool:
     return hmac.compare_digest(sign(secret, body), signature)
+
+
+def standard_secret(secret: str) -> str:
+    """The subscription's secret as a Standard Webhooks receiver configures it."""
+    return "whsec_" + base64.b64encode(secret.encode("utf-8")).decode("ascii")
+
+
+def standard_headers(secret: str, delivery_id: str, body: str, now: dt.datetime) -> dict[str, str]:
+    from standardwebhooks.webhooks import Webhook
+
+    signature = Webhook(standard_secret(secret)).sign(msg_id=delivery_id, timestamp=now, data=body)
+    return {
+        "webhook-id": delivery_id,
+        "webhook-timestamp": str(int(now.timestamp())),
+        "webhook-signature": signature,
+    }
 
 
 def _iso(ms: int) -> str:
@@ -525,6 +548,8 @@ class DeliveryWorker:
             EVENT_HEADER: r["event"],
             DELIVERY_HEADER: r["id"],
             "User-Agent": "Tollway-Webhooks/1",
+            # Signed at each attempt: its timestamp is when it was sent.
+            **standard_headers(hook["secret"], r["id"], r["body"], dt.datetime.now(dt.UTC)),
         }
         status: int | None = None
         error: str | None = None

@@ -49,6 +49,7 @@ async def subscribe(request: web.Request) -> web.Response:
     out = sub.render()
     # Returned once, at creation (a generated one must be saved now); never listed.
     out["secret"] = secret
+    out["standard_secret"] = wh.standard_secret(secret)  # for Standard Webhooks libraries
     return json_response(out, status=201)
 
 

@@ -11,7 +11,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 from aiohttp import web
+from standardwebhooks.webhooks import Webhook
 
 from billing.webhooks import (
     DELIVERY_HEADER,
@@ -20,6 +22,8 @@ from billing.webhooks import (
     SIGNATURE_HEADER,
     backoff_ms,
     enqueue_event,
+    standard_headers,
+    standard_secret,
     verify_signature,
 )
 from config.netpolicy import forbidden_address
@@ -84,9 +88,34 @@ def check_signed(r: dict[str, Any], secret: str = SECRET) -> dict[str, Any]:
     h = r["headers"]
     assert h["Content-Type"] == "application/json"
     assert verify_signature(secret, r["body"], h[SIGNATURE_HEADER])
+    # and per Standard Webhooks, checked by that library as a receiver would
+    Webhook(standard_secret(secret)).verify(r["body"], dict(h))
     doc = json.loads(r["body"])
     assert doc["event"] == h[EVENT_HEADER] and doc["delivery_id"] == h[DELIVERY_HEADER]
     return doc
+
+
+def test_a_replayed_standard_webhook_is_refused_by_its_receiver():
+    """The id and timestamp are signed with the body: a delivery captured and sent
+    again later fails the receiver's tolerance, and a moved timestamp the signature."""
+    import datetime as dt
+
+    from standardwebhooks.webhooks import WebhookVerificationError
+
+    body = json.dumps({"event": "service.called", "delivery_id": "whd_1"})
+    receiver = Webhook(standard_secret(SECRET))
+    now = dt.datetime.now(dt.UTC)
+    receiver.verify(body, standard_headers(SECRET, "whd_1", body, now))
+    old = standard_headers(SECRET, "whd_1", body, now - dt.timedelta(minutes=10))
+    with pytest.raises(WebhookVerificationError):
+        receiver.verify(body, old)
+    moved = dict(old, **{"webhook-timestamp": str(int(now.timestamp()))})
+    with pytest.raises(WebhookVerificationError):
+        receiver.verify(body, moved)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(standard_secret(SECRET + "x")).verify(
+            body, standard_headers(SECRET, "whd_1", body, now)
+        )
 
 
 def test_backoff_doubles_from_the_base():
