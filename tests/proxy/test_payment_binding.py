@@ -27,9 +27,9 @@ from eth_account.messages import encode_defunct
 from eth_account.signers.local import LocalAccount
 from x402.http.utils import decode_payment_required_header, encode_payment_signature_header
 
-from billing.wallets import deposit_claim_message
 from ledger import journal as j
 from ledger.verify import verify
+from tests.billing.test_wallets import claim, wallet_units
 from tests.proxy.test_payments_evm import official, payer_signature
 from tests.support.evm_chain import EvmChain
 from tests.support.jsonrpc_server import JsonRpcServer
@@ -101,19 +101,6 @@ async def _pay(tw: InProcess, sid: str, inv: dict, tx: str, signature: str) -> t
     return st, (json.loads(raw) if raw.startswith(b"{") else {})
 
 
-def _claim(owner: str, tx: str, signer: LocalAccount) -> str:
-    return signer.sign_message(
-        encode_defunct(text=deposit_claim_message(owner, tx))
-    ).signature.hex()
-
-
-async def _units(tw: InProcess, owner: str) -> int:
-    v = await tw.rt.store.fetchval(
-        "SELECT balance FROM accounts WHERE id = $1", j.wallet(owner, "USDC").id
-    )
-    return int(v or 0)
-
-
 # --------------------------------------------------------------------------- owner ids
 
 
@@ -132,7 +119,7 @@ async def test_derived_and_reserved_owner_ids_are_claimed_only_with_proof(
     draw = {"X-Invoice-Id": inv["invoiceId"], "X-Payer-Signature": sig}
     for _ in range(2):
         assert (await tw.call(sid, "ok", None, headers=draw))[0] == 200
-    assert await _units(tw, wallet_owner) == 7 * PRICE
+    assert await wallet_units(tw, wallet_owner) == 7 * PRICE
 
     # A plain mint of any derived or reserved id is refused, whatever the case.
     for owner in (
@@ -185,7 +172,7 @@ async def test_derived_and_reserved_owner_ids_are_claimed_only_with_proof(
     # The owner spends it on a call with the key, then withdraws the rest on chain.
     st, _, h = await tw.call(sid, "ok", key)
     assert st == 200 and h["X-ACF-Amount"] == "0.01"
-    assert await _units(tw, wallet_owner) == 6 * PRICE
+    assert await wallet_units(tw, wallet_owner) == 6 * PRICE
     before = chain.token_balance(usdc, victim.address)
     st, body, _ = await tw.api(
         "POST",
@@ -195,7 +182,7 @@ async def test_derived_and_reserved_owner_ids_are_claimed_only_with_proof(
     )
     assert st == 200 and body["withdrawal"]["status"] == "paid", body
     assert chain.token_balance(usdc, victim.address) == before + 6 * PRICE
-    assert await _units(tw, wallet_owner) == 0
+    assert await wallet_units(tw, wallet_owner) == 0
     await _ledger_ok(tw)
 
 
@@ -247,11 +234,11 @@ async def test_a_strangers_transfer_never_pays_your_invoice(
         "POST",
         "/api/v1/wallet/deposit",
         vkey,
-        json={"tx_hash": deposit, "signature": _claim("victim", deposit, victim)},
+        json={"tx_hash": deposit, "signature": claim("victim", deposit, victim)},
     )
     assert st == 201 and body["amount_units"] == 5 * PRICE, body
-    assert await _units(tw, "victim") == 5 * PRICE
-    assert await _units(tw, f"tollway:{stranger.address.lower()}") == 0
+    assert await wallet_units(tw, "victim") == 5 * PRICE
+    assert await wallet_units(tw, f"tollway:{stranger.address.lower()}") == 0
     await _ledger_ok(tw)
 
 
@@ -310,7 +297,7 @@ async def test_x402_settlement_presented_at_once_elsewhere_never_credits_twice(
                                 claimer_key,
                                 json={
                                     "tx_hash": settlement,
-                                    "signature": _claim("claimer", settlement, payer),
+                                    "signature": claim("claimer", settlement, payer),
                                 },
                             )
                             refused.append(st)
@@ -332,7 +319,7 @@ async def test_x402_settlement_presented_at_once_elsewhere_never_credits_twice(
         assert [(r["kind"], int(r["n"]), int(r["total"])) for r in credits] == [
             ("x402_deposit", rounds, rounds * PRICE)
         ]
-        assert await _units(tw, "claimer") == 0
+        assert await wallet_units(tw, "claimer") == 0
         assert await store.fetchval("SELECT COUNT(*) FROM invoices WHERE status = 'paid'") == 0
         assert chain.token_balance(usdc, merchant) == rounds * PRICE
         await _ledger_ok(tw)
@@ -530,7 +517,7 @@ async def test_money_granted_to_an_unminted_owner_id_is_not_for_the_first_minter
     # a grant to a wallet owner id in checksum case is the wallet's own, lower-cased
     wallet = Account.create()
     await tw.credit(f"tollway:{wallet.address}", "1.00")
-    assert await _units(tw, f"tollway:{wallet.address.lower()}") == 1_000_000
+    assert await wallet_units(tw, f"tollway:{wallet.address.lower()}") == 1_000_000
     key = await sign_in(tw, wallet)
     st, bal, _ = await tw.api("GET", "/api/v1/wallet/balance", key)
     assert bal["balances"][0]["available_units"] == 1_000_000
