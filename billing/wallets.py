@@ -138,18 +138,26 @@ def source_account(owner_id: str, source: str, asset: str) -> Account:
 
 
 async def balances(store: Store, owner_id: str) -> list[dict[str, Any]]:
-    """Per asset: the wallet (available), earnings, and what is held right now."""
+    """Per asset: the wallet (available), earnings, and what is held right now.
+
+    ``available`` counts the rest of the owner's balance leases (``leased``): money a
+    worker took out of the wallet to admit calls from memory, still the owner's.
+    Calls a worker admitted but has not posted yet (its next batch, milliseconds
+    away) are not subtracted."""
     rows = await store.fetch(
         "SELECT id, kind, asset, balance FROM accounts WHERE owner_id = $1 ORDER BY asset, kind",
         owner_id,
     )
     held_rows = await store.fetch(
-        "SELECT h.asset, SUM(h.amount) AS total FROM holds h"
-        " JOIN accounts a ON a.id = h.account_id"
+        "SELECT h.asset,"
+        " SUM(CASE WHEN h.kind = 'lease' THEN 0 ELSE h.amount END) AS total,"
+        " SUM(CASE WHEN h.kind = 'lease' THEN h.amount - h.captured ELSE 0 END) AS leased"
+        " FROM holds h JOIN accounts a ON a.id = h.account_id"
         " WHERE a.owner_id = $1 AND h.status = 'pending' GROUP BY h.asset",
         owner_id,
     )
     held = {r["asset"]: int(r["total"] or 0) for r in held_rows}
+    leased = {r["asset"]: int(r["leased"] or 0) for r in held_rows}
     out: dict[str, dict[str, Any]] = {}
     for r in rows:
         entry = out.setdefault(r["asset"], {"asset": r["asset"], "available": 0, "earnings": 0})
@@ -161,6 +169,8 @@ async def balances(store: Store, owner_id: str) -> list[dict[str, Any]]:
         out.setdefault(asset, {"asset": asset, "available": 0, "earnings": 0})
     for asset, entry in out.items():
         entry["held"] = held.get(asset, 0)
+        entry["leased"] = leased.get(asset, 0)
+        entry["available"] += entry["leased"]
     return list(out.values())
 
 

@@ -96,6 +96,28 @@ class Settings:
     # Group-commit flushers per process; 0 picks 2 on PostgreSQL, 1 on SQLite.
     ledger_writers: int = 0
     receipts_dir: str = "./data/receipts"
+    # "on_request": a charged call carries X-ACF-Receipt when the request asks for
+    # it with "Prefer: receipt" (one Ed25519 signature, ~57 us, only then);
+    # "always": every charged call; "off".
+    receipts: str = "on_request"
+    # Balance leases (billing.leases): a hot buyer's calls are admitted in memory
+    # from a slice of its balance and posted in batches. lease_calls is the slice
+    # in calls' worth (0: every call takes its own hold); a slice is at most
+    # 1/lease_share of the balance, and under lease_min_calls calls' worth the
+    # calls take exact holds. A buyer is hot after lease_after_calls calls within
+    # a second in one worker.
+    lease_calls: int = 64
+    lease_share: int = 4
+    lease_min_calls: int = 8
+    lease_after_calls: int = 4
+    lease_idle_seconds: float = 2.0
+    # How long a dead worker's lease keeps its slice before it expires back.
+    lease_ttl_seconds: float = 30.0
+    # How long finished leased calls wait to share a batch.
+    lease_flush_ms: float = 10.0
+    # A call refused for want of balance is refused again from memory for this
+    # long (unless money reached a wallet through this process meanwhile).
+    refusal_memo_seconds: float = 1.0
     log_level: str = "info"
     # Payment rails (402 issue); empty means the rail is off.
     evm_rpc_url: str | None = None
@@ -243,6 +265,23 @@ def validate(s: Settings) -> Settings:
     )
     _check("hold_sweep_interval_seconds", s.hold_sweep_interval_seconds > 0, "must be positive")
     _check("ledger_batch_max", 1 <= s.ledger_batch_max <= 10000, "must be 1..10000")
+    _check("receipts", s.receipts in ("on_request", "always", "off"), "on_request|always|off")
+    _check("lease_calls", 0 <= s.lease_calls <= 1_000_000, "must be 0 (off) to 1000000")
+    _check("lease_share", s.lease_share >= 2, "must be 2 or more")
+    _check(
+        "lease_min_calls",
+        s.lease_min_calls >= 1 and (s.lease_calls == 0 or s.lease_min_calls <= s.lease_calls),
+        "must be 1..lease_calls",
+    )
+    _check("lease_after_calls", s.lease_after_calls >= 1, "must be 1 or more")
+    _check("lease_idle_seconds", s.lease_idle_seconds > 0, "must be positive")
+    _check(
+        "lease_ttl_seconds",
+        s.lease_ttl_seconds >= 5 and s.lease_ttl_seconds > 2 * s.lease_idle_seconds,
+        "must be at least 5 and more than twice lease_idle_seconds",
+    )
+    _check("lease_flush_ms", 0 <= s.lease_flush_ms <= 1000, "must be 0..1000")
+    _check("refusal_memo_seconds", 0 <= s.refusal_memo_seconds <= 60, "must be 0..60")
     _check("ledger_queue_max", s.ledger_queue_max >= 0, "must be 0 (auto) or more")
     _check("ledger_writers", 0 <= s.ledger_writers <= 64, "must be 0 (auto) to 64")
     _check(

@@ -190,6 +190,15 @@ _UPSERT_BALANCE = (
     "INSERT INTO accounts (id, asset, kind, owner_id, balance, created_at) VALUES ($1, $2, $3, $4, $5, $6)"
     " ON CONFLICT (id) DO UPDATE SET balance = accounts.balance + excluded.balance"
 )
+# Bumped by every transfer into a wallet made in this process (a credit, a void,
+# a lease's rest): a refusal remembered before it may be stale.
+_wallet_credits = [0]
+
+
+def wallet_credit_epoch() -> int:
+    return _wallet_credits[0]
+
+
 # Tables whose rows a transaction may still hold in memory; a statement that
 # names one of them sees the buffered rows written first.
 _BUFFERED_TABLES = ("accounts", "transfers")
@@ -338,6 +347,8 @@ class _BufferedTx:
                 return False
         self._delta(d, t.asset, -t.amount, now)
         self._delta(c, t.asset, t.amount, now)
+        if c.kind == "wallet":
+            _wallet_credits[0] += 1
         self._rows.append(
             (
                 t.id,
@@ -393,7 +404,12 @@ class _PgTx(_BufferedTx):
         return await self.conn.fetchrow(sql, *args)
 
     async def _many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
-        await self.conn.executemany(sql, rows)
+        bulk = _PG_BULK.get(sql)
+        if bulk is not None and len(rows) > 1:
+            # One statement for the whole batch (executemany runs one per row).
+            await self.conn.execute(bulk, *map(list, zip(*rows, strict=True)))
+        else:
+            await self.conn.executemany(sql, rows)
 
     async def _read_balance(self, account_id: str) -> int | None:
         # No lock here: the write-out locks and rechecks (see _BufferedTx), so
@@ -417,6 +433,33 @@ class _PgTx(_BufferedTx):
         if new and len(self.existing) < 1_000_000:
             self.existing.update(k for k, *_ in new)
         return {r["id"]: int(r["balance"]) for r in rows}
+
+
+def _unnest(table: str, columns: str, types: str, tail: str = "") -> str:
+    args = ", ".join(f"${i}::{t}[]" for i, t in enumerate(types.split(), 1))
+    return f"INSERT INTO {table} ({columns}) SELECT * FROM unnest({args}){tail}"
+
+
+# The batch inserts of the hot path, as one statement each on PostgreSQL.
+_PG_BULK = {
+    _INSERT_TRANSFER: _unnest(
+        "transfers",
+        "id, asset, debit_account, credit_account, amount, kind, usage_id, payment_id,"
+        " hold_id, idempotency_key, created_at",
+        "text text text text bigint text text text text text bigint",
+    ),
+    _UPSERT_BALANCE: _unnest(
+        "accounts",
+        "id, asset, kind, owner_id, balance, created_at",
+        "text text text text bigint bigint",
+        " ON CONFLICT (id) DO UPDATE SET balance = accounts.balance + excluded.balance",
+    ),
+}
+
+
+def register_bulk_insert(sql: str, table: str, columns: str, types: str) -> None:
+    """Let ``insert_later`` rows of ``sql`` go out as one unnest statement on PostgreSQL."""
+    _PG_BULK[sql] = _unnest(table, columns, types)
 
 
 _CREATE_ACCOUNT = (

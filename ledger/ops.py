@@ -21,13 +21,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ledger import journal as j
-from ledger.db import DuplicateError, Tx
+from ledger.db import DuplicateError, Tx, register_bulk_insert
 from ledger.journal import Transfer, new_id, now_ms
 
 FREE = "free"
 HELD = "held"
 NO_CHARGE = "no_charge"  # price 0 and no free tier: nothing to reserve
 INSUFFICIENT = "insufficient"
+# Spent in memory from a worker's lease (ledger.leases), posted in a batch.
+LEASED = "leased"
+FREE_LEASED = "free_leased"
 
 
 @dataclass(slots=True)
@@ -140,6 +143,23 @@ class Outcome:
     free_tier: bool
     idem_key: str | None = None
     payment_id: str | None = None
+    # A leased call whose lease expired before its batch could post it: served,
+    # never charged (its money went back to the wallet with the lease's rest).
+    lease_lost: bool = False
+
+
+_INSERT_USAGE = (
+    "INSERT INTO usage_records (id, buyer_id, service_id, provider_id, amount, asset, free_tier,"
+    " payment_method, outcome, upstream_status, latency_ms, bytes_in, bytes_out, request_id,"
+    " hold_id, created_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16)"
+)
+register_bulk_insert(
+    _INSERT_USAGE,
+    "usage_records",
+    "id, buyer_id, service_id, provider_id, amount, asset, free_tier, payment_method, outcome,"
+    " upstream_status, latency_ms, bytes_in, bytes_out, request_id, hold_id, created_at",
+    "text text text text bigint text int text text int float8 bigint bigint text text bigint",
+)
 
 
 async def finish(tx: Tx, o: Outcome) -> int:
@@ -178,6 +198,16 @@ async def finish(tx: Tx, o: Outcome) -> int:
             u.buyer_id,
             u.service_id,
         )
+    elif o.mode == LEASED:
+        if o.charge > 0:
+            charged, outcome = o.charge, "charged"
+            await _capture(tx, o, u, now)
+        elif o.lease_lost:
+            outcome = "hold_expired"
+        else:
+            outcome = "voided"
+    elif o.mode == FREE_LEASED:
+        outcome = "free" if _served(u) else "voided"
     elif o.mode == "paid":
         charged = o.charge
         outcome = "charged" if charged else "voided"
@@ -187,9 +217,7 @@ async def finish(tx: Tx, o: Outcome) -> int:
         outcome = "failed"
     await tx.insert_later(
         "usage_records",
-        "INSERT INTO usage_records (id, buyer_id, service_id, provider_id, amount, asset, free_tier,"
-        " payment_method, outcome, upstream_status, latency_ms, bytes_in, bytes_out, request_id,"
-        " hold_id, created_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16)",
+        _INSERT_USAGE,
         u.id,
         u.buyer_id,
         u.service_id,
@@ -245,8 +273,10 @@ async def _resolve_hold(tx: Tx, hold_id: str, status: str, now: int) -> bool:
 
 async def _capture(tx: Tx, o: Outcome, u: Usage, now: int) -> None:
     """Split the charge into provider earnings and the platform fee."""
-    source = j.holding(u.asset) if o.mode == HELD else j.wallet(u.buyer_id, u.asset)
-    ref = o.hold_id or u.id
+    from_hold = o.mode in (HELD, LEASED)
+    source = j.holding(u.asset) if from_hold else j.wallet(u.buyer_id, u.asset)
+    # A lease pays many calls: each call's transfers are keyed by the call.
+    ref = u.id if o.mode == LEASED else (o.hold_id or u.id)
     provider_share = o.charge - o.fee
     if provider_share > 0:
         await tx.transfer(
@@ -261,7 +291,7 @@ async def _capture(tx: Tx, o: Outcome, u: Usage, now: int) -> None:
                 hold_id=o.hold_id,
                 payment_id=o.payment_id,
             ),
-            guard=o.mode != HELD,
+            guard=not from_hold,
             now=now,
         )
     if o.fee > 0:
@@ -277,7 +307,7 @@ async def _capture(tx: Tx, o: Outcome, u: Usage, now: int) -> None:
                 hold_id=o.hold_id,
                 payment_id=o.payment_id,
             ),
-            guard=o.mode != HELD,
+            guard=not from_hold,
             now=now,
         )
     rest = o.held - o.charge
@@ -301,7 +331,8 @@ async def expire_holds(tx: Tx, now: int, limit: int = 500) -> int:
     """Void holds past their expiry: the call never finished (crash, kill)."""
     rows = await tx.fetch(
         "SELECT id, account_id, asset, amount, usage_id FROM holds"
-        " WHERE status = 'pending' AND expires_at < $1 ORDER BY expires_at LIMIT $2",
+        " WHERE status = 'pending' AND kind = 'call' AND expires_at < $1"
+        " ORDER BY expires_at LIMIT $2",
         now,
         limit,
     )

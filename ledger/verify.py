@@ -105,7 +105,8 @@ async def verify(store: Store, *, now: int | None = None, limit: int = 50) -> Re
         """
         SELECT a.asset, a.balance, COALESCE(h.total, 0) AS pending
           FROM accounts a
-          LEFT JOIN (SELECT asset, SUM(amount) AS total FROM holds WHERE status = 'pending' GROUP BY asset) h
+          LEFT JOIN (SELECT asset, SUM(amount - captured) AS total FROM holds
+                      WHERE status = 'pending' GROUP BY asset) h
                  ON h.asset = a.asset
          WHERE a.kind = 'holding' AND a.balance <> COALESCE(h.total, 0)
         """
@@ -113,6 +114,24 @@ async def verify(store: Store, *, now: int | None = None, limit: int = 50) -> Re
     for r in held:
         rep.violations.append(
             f"holding account for {r['asset']} has {r['balance']} but pending holds total {int(r['pending'])}"
+        )
+    # A lease's captured is what its batches posted: the charges and fees of its calls.
+    leases = await store.fetch(
+        """
+        SELECT h.id, h.captured, h.amount, COALESCE(SUM(t.amount), 0) AS posted
+          FROM holds h
+          LEFT JOIN transfers t ON t.hold_id = h.id AND t.kind IN ('charge', 'fee')
+         WHERE h.kind = 'lease'
+         GROUP BY h.id, h.captured, h.amount
+        HAVING COALESCE(SUM(t.amount), 0) <> h.captured OR h.captured > h.amount
+         LIMIT $1
+        """,
+        limit,
+    )
+    for r in leases:
+        rep.violations.append(
+            f"lease {r['id']} counts {r['captured']} of {r['amount']} captured"
+            f" but its calls post {int(r['posted'])}"
         )
     rep.checked["holds_pending"] = int(
         await store.fetchval("SELECT COUNT(*) FROM holds WHERE status = 'pending'")

@@ -247,7 +247,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     h["X-ACF-Latency-Ms"] = f"{latency * 1000:.1f}"
     h[REQUEST_ID] = rid
     h.update(decision.headers())  # the tightest limit's policy and what is left of it
-    if charged and rt.receipts is not None:
+    if charged and rt.receipts is not None and _receipt_wanted(rt.settings.receipts, request):
         h["X-ACF-Receipt"] = _receipt(rt, request, ticket, charged)
     if paid is not None and paid.response_headers:
         h.update(paid.response_headers)
@@ -365,7 +365,7 @@ async def _settle(
         if paid is not None:
             charged = await rt.payments.finish(paid, outcome)
         else:
-            charged = await rt.meter.finish(outcome)
+            charged = await rt.meter.finish(outcome, ticket.lease)
     except BillingError:
         raise
     except Exception as exc:
@@ -379,6 +379,19 @@ async def _settle(
         metrics.CHARGED.labels(ticket.service.asset).inc(charged)
         rt.after_charge(ticket, charged)
     return int(charged or 0)
+
+
+def _receipt_wanted(mode: str, request: web.Request) -> bool:
+    """A signature costs more than the rest of the call's billing: by default it is
+    made only for a request that says ``Prefer: receipt`` (RFC 7240)."""
+    if mode == "always":
+        return True
+    if mode == "off":
+        return False
+    prefer = request.headers.get("Prefer")
+    return prefer is not None and any(
+        p.split(";", 1)[0].strip().lower() == "receipt" for p in prefer.split(",")
+    )
 
 
 def _receipt(rt: Runtime, request: web.Request, t: Ticket, amount: int) -> str:

@@ -59,6 +59,10 @@ LEDGER_QUEUE = Gauge(
 HOLDS_EXPIRED = Counter(
     "tollway_holds_expired_total", "Holds voided because they passed their expiry"
 )
+LEASES_EXPIRED = Counter(
+    "tollway_leases_expired_total",
+    "Balance and free-call leases given back at expiry (their worker stopped renewing them)",
+)
 PAYMENTS = Counter(
     "tollway_payments_total", "Payments carried on requests, by rail and result", ["rail", "result"]
 )

@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from billing.leases import LeasePolicy
 from billing.metering import Meter, Ticket
 from billing.wallet_signin import expire_challenges
 from config import Settings
@@ -195,6 +196,16 @@ async def build_runtime(settings: Settings, store: Store | None = None) -> Runti
         hold_ttl_ms=settings.hold_ttl_seconds * 1000,
         idem_window_ms=settings.idempotency_window_seconds * 1000,
         fee_bps_for=fee_schedule(settings, providers.get),
+        lease_policy=LeasePolicy(
+            calls=settings.lease_calls,
+            share=settings.lease_share,
+            min_calls=settings.lease_min_calls,
+            after_calls=settings.lease_after_calls,
+            idle_seconds=settings.lease_idle_seconds,
+            ttl_seconds=settings.lease_ttl_seconds,
+            flush_seconds=settings.lease_flush_ms / 1000,
+        ),
+        refusal_memo_seconds=settings.refusal_memo_seconds,
     )
     if settings.redis_url:
         limiter: Any = RedisLimiter(
@@ -259,6 +270,13 @@ async def sweep_expired_holds(rt: Runtime, interval: float = 10.0) -> None:
         except Exception:
             log.exception("expired-hold sweep failed")
         try:
+            n = await rt.meter.expire_leases(now_ms())
+            if n:
+                metrics.LEASES_EXPIRED.inc(n)
+                log.warning("gave back %d expired lease(s) of a worker that stopped", n)
+        except Exception:
+            log.exception("expired-lease sweep failed")
+        try:
             await rt.writer.submit(lambda tx: expire_challenges(tx, now_ms()))
         except Exception:
             log.exception("expired-challenge sweep failed")
@@ -274,6 +292,7 @@ async def close_runtime(rt: Runtime) -> None:
         except (asyncio.CancelledError, Exception):
             pass
     await rt.session.close()
+    await rt.meter.leases.close()  # posts the last calls and gives every lease back
     await rt.writer.close()
     if isinstance(rt.limiter, RedisLimiter):
         await rt.limiter.close()

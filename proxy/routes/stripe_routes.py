@@ -203,6 +203,9 @@ async def on_startup(app: web.Application, rt: Runtime) -> None:
     rt.auto_topups = auto  # type: ignore[attr-defined]
     rt.connect_payouts = connect  # type: ignore[attr-defined]
     rt.meter.finish_hooks.append(auto.finish_hook)
+    # Auto top-up watches the wallet itself after each charge: its owners' calls
+    # take exact holds, so the wallet is not lowered ahead of time by a lease.
+    rt.meter.leases.lease_allowed = lambda owner: owner not in auto.auto_owners
     loop = asyncio.get_running_loop()
     rt.topups_worker = loop.create_task(  # type: ignore[attr-defined]
         auto.run(), name="auto-topup-worker"

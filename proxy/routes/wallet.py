@@ -106,10 +106,18 @@ async def render_withdrawals(rt: Runtime, rows: list[Any]) -> list[dict[str, Any
 
 async def balance(request: web.Request) -> web.Response:
     rt, key = await _caller(request)
+    await rt.meter.leases.flush()  # this worker's leased calls, posted before the read
     per_asset = await balances(rt.store, key.owner_id)
     if not any(b["asset"] == rt.settings.default_asset for b in per_asset):
         per_asset.insert(
-            0, {"asset": rt.settings.default_asset, "available": 0, "earnings": 0, "held": 0}
+            0,
+            {
+                "asset": rt.settings.default_asset,
+                "available": 0,
+                "earnings": 0,
+                "held": 0,
+                "leased": 0,
+            },
         )
     recent, _ = await journal_lines(rt.store, key.owner_id, limit=10)
     return json_response(
@@ -124,6 +132,8 @@ async def balance(request: web.Request) -> web.Response:
                     "available_units": b["available"],
                     "earnings_units": b["earnings"],
                     "held_units": b["held"],
+                    "leased": _fmt(rt, b["leased"]),
+                    "leased_units": b["leased"],
                 }
                 for b in per_asset
             ],

@@ -47,11 +47,14 @@ async def test_charged_call_receipt_verifies_offline_and_tampering_fails(
     buyer = await tw.key("buyer")
     await tw.credit("buyer", "1.00")
 
-    st, _, free_h = await tw.call(sid, "echo/v1/thing?x=1", buyer)
+    ask = {"Prefer": "receipt"}  # a signature only for a client that asks (RFC 7240)
+    st, _, free_h = await tw.call(sid, "echo/v1/thing?x=1", buyer, headers=ask)
     assert st == 200 and free_h["X-ACF-Free-Tier"] == "true"
     assert RECEIPT_HEADER not in free_h  # nothing charged, nothing to prove
 
-    st, _, h = await tw.call(sid, "echo/v1/thing?x=1", buyer, method="POST", data=b"{}")
+    st, _, h = await tw.call(
+        sid, "echo/v1/thing?x=1", buyer, method="POST", data=b"{}", headers=ask
+    )
     assert st == 200 and h["X-ACF-Amount"] == "0.25"
     receipt = h[RECEIPT_HEADER]
     st, doc, _ = await tw.api("GET", WELL_KNOWN_PATH)
@@ -84,3 +87,7 @@ async def test_charged_call_receipt_verifies_offline_and_tampering_fails(
     assert (await receipt_cli(receipt, tw.base + WELL_KNOWN_PATH)).returncode == 0
     bad = await receipt_cli(changed(receipt, len(receipt) // 3), str(keys_file))
     assert bad.returncode == 1 and "receipt invalid" in bad.stderr
+
+    # Without asking, a charged call carries no signature (none is made).
+    st, _, plain = await tw.call(sid, "echo/v1/thing?x=1", buyer)
+    assert st == 200 and plain["X-ACF-Amount"] == "0.25" and RECEIPT_HEADER not in plain

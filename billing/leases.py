@@ -1,0 +1,414 @@
+"""A worker's leases: the common call of a hot buyer decided in memory.
+
+A buyer that calls often (``after_calls`` calls within a second in this
+process) gets a balance lease: one ledger transaction moves a slice of its
+wallet into a hold of kind ``lease`` (``ledger.leases``). Its calls are then
+admitted by subtracting the price from the slice in memory, and written in
+batches: every ``flush_seconds`` the finished calls go to the group-commit
+writer, one operation per lease (its usage rows, its charge and fee transfers,
+and the lease's ``captured`` in one transaction). Free-tier calls work the same
+way with a lease of free calls.
+
+Why this cannot overspend: the slice left the wallet before any call used it,
+so the sum over all workers' leases never exceeds what the wallet held, and a
+worker admits a call only while its own slice covers the price. A slice is at
+most ``1/share`` of what the wallet holds, so other workers still find money;
+when that is less than ``min_calls`` calls, calls fall back to exact per-call
+holds. A lease nobody used for ``idle_seconds`` is closed and its rest goes
+back; a worker that dies stops renewing its leases, which then expire back like
+holds (``ttl_seconds``), and a batch that comes after the expiry posts nothing.
+
+What a crash costs: the calls finished since the last batch are never charged
+(the buyer keeps that money). No call is ever charged twice or from money the
+buyer did not have.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ledger import leases, ops
+from ledger.db import Tx, store_unavailable
+from ledger.journal import now_ms
+from ledger.writer import GroupCommitWriter, WriterOverloaded
+
+log = logging.getLogger("tollway.billing")
+
+Hook = Callable[[Tx, ops.Outcome, int], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class LeasePolicy:
+    calls: int = 64  # calls' worth of money (or free calls) per lease; 0: no leases
+    share: int = 4  # a lease takes at most 1/share of what is left
+    min_calls: int = 8  # below this many calls' worth, exact per-call holds
+    after_calls: int = 4  # calls within a second that make a buyer hot
+    idle_seconds: float = 2.0
+    ttl_seconds: float = 30.0
+    flush_seconds: float = 0.01
+    recall_check_seconds: float = 0.1  # how soon a recalled lease is noticed
+    recall_backoff_seconds: float = 5.0  # no new lease for a buyer whose lease was recalled
+    recall_wait_seconds: float = 2.0  # how long a call waits for recalled leases to return
+
+    @property
+    def enabled(self) -> bool:
+        return self.calls > 0
+
+
+@dataclass(slots=True, eq=False)
+class Lease:
+    """One balance lease (``slots`` is None) or free-tier lease, as this worker sees it."""
+
+    id: str
+    buyer_id: str
+    key: str  # the asset of a balance lease, the service of a free-tier lease
+    size: int  # money units, or free calls
+    expires_at_ms: int
+    unit: int  # the price that sized it (1 for free calls)
+    free: bool = False
+    spent: int = 0  # taken by calls in flight or finished, less what failed calls gave back
+    in_flight: int = 0
+    unposted: list[ops.Outcome] = field(default_factory=list)
+    posting: int = 0
+    last_used: float = 0.0
+    closing: bool = False
+    dead: bool = False
+
+    def covers(self, amount: int) -> bool:
+        return not (self.closing or self.dead) and self.size - self.spent >= amount
+
+
+class LeaseBook:
+    def __init__(
+        self,
+        writer: GroupCommitWriter,
+        policy: LeasePolicy,
+        hooks: list[Hook],
+        *,
+        lease_allowed: Callable[[str], bool] = lambda owner: True,
+    ):
+        self.writer = writer
+        self.policy = policy
+        self.hooks = hooks  # the Meter's finish hooks, run for each posted call
+        self.lease_allowed = lease_allowed
+        self._leases: dict[tuple[str, str, bool], list[Lease]] = {}
+        self._by_id: dict[str, Lease] = {}
+        self._recent: dict[tuple[str, str, bool], list[float]] = {}
+        self._not_before: dict[tuple[str, str, bool], float] = {}
+        self._opening: dict[tuple[str, str, bool], asyncio.Future[Lease | None]] = {}
+        self._dirty: set[Lease] = set()
+        self._posts: set[asyncio.Future[None]] = set()
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+        self.lost_calls = 0  # posted after their lease expired: served, never charged
+
+    # ------------------------------------------------------------------ the hot path
+
+    def take(self, buyer_id: str, key: str, amount: int, free: bool) -> Lease | None:
+        """Spend ``amount`` (or one free call) from a lease of this worker, in memory."""
+        for lease in self._leases.get((buyer_id, key, free), ()):
+            if lease.covers(amount):
+                lease.spent += amount
+                lease.in_flight += 1
+                lease.last_used = time.monotonic()
+                return lease
+        return None
+
+    def wants_lease(self, buyer_id: str, key: str, free: bool) -> bool:
+        """Count this call; True when the buyer is hot enough for a lease here."""
+        if not self.policy.enabled or self._closing:
+            return False
+        k = (buyer_id, key, free)
+        now = time.monotonic()
+        if self._not_before.get(k, 0.0) > now:
+            return False
+        window = self._recent.get(k)
+        if window is None or now - window[0] > 1.0:
+            if len(self._recent) > 100_000:
+                self._recent.clear()  # bounded: a flood of distinct buyers resets it
+            self._recent[k] = [now, 1.0]
+            return self.policy.after_calls <= 1 and self.lease_allowed(buyer_id)
+        window[1] += 1
+        return window[1] >= self.policy.after_calls and self.lease_allowed(buyer_id)
+
+    async def open(
+        self, buyer_id: str, key: str, unit: int, free: bool, quota: int = 0
+    ) -> Lease | None:
+        """Open a lease (one writer round; concurrent callers share it)."""
+        k = (buyer_id, key, free)
+        pending = self._opening.get(k)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[Lease | None] = asyncio.get_running_loop().create_future()
+        self._opening[k] = fut
+        try:
+            lease = await self._open(buyer_id, key, unit, free, quota)
+        except BaseException as exc:
+            fut.set_result(None)
+            if isinstance(exc, Exception):
+                log.warning("lease for %s not opened: %r", buyer_id, exc)
+                return None
+            raise
+        finally:
+            del self._opening[k]
+        if lease is None:
+            # Too little left for a lease: exact holds for a while, no retry per call.
+            self._not_before[k] = time.monotonic() + 1.0
+        else:
+            self._leases.setdefault(k, []).append(lease)
+            self._by_id[lease.id] = lease
+            self._start()
+        fut.set_result(lease)
+        return lease
+
+    async def _open(
+        self, buyer_id: str, key: str, unit: int, free: bool, quota: int
+    ) -> Lease | None:
+        p = self.policy
+        ttl_ms = int(p.ttl_seconds * 1000)
+        now = now_ms()
+        if free:
+
+            async def op(tx: Tx) -> leases.Granted | None:
+                return await leases.open_free(
+                    tx,
+                    buyer_id,
+                    key,
+                    quota,
+                    want=p.calls,
+                    floor=p.min_calls,
+                    share=p.share,
+                    ttl_ms=ttl_ms,
+                    now=now,
+                )
+
+        else:
+
+            async def op(tx: Tx) -> leases.Granted | None:
+                return await leases.open_balance(
+                    tx,
+                    buyer_id,
+                    key,
+                    want=unit * p.calls,
+                    floor=unit * p.min_calls,
+                    share=p.share,
+                    ttl_ms=ttl_ms,
+                    now=now,
+                )
+
+        granted = await self.writer.submit(op)
+        if granted is None:
+            return None
+        return Lease(
+            granted.id,
+            buyer_id,
+            key,
+            granted.amount,
+            granted.expires_at,
+            1 if free else unit,
+            free=free,
+            last_used=time.monotonic(),
+        )
+
+    def lease_of(self, lease_id: str) -> Lease | None:
+        return self._by_id.get(lease_id)
+
+    def finish(self, lease: Lease, o: ops.Outcome) -> int:
+        """A leased call ended: queue its record for the next batch. Returns the charge."""
+        lease.in_flight -= 1
+        # A failed call gives back what it took.
+        if lease.free:
+            if not ops.served(o.usage.upstream_status):
+                lease.spent -= 1
+        elif o.charge <= 0:
+            lease.spent -= o.held
+        lease.unposted.append(o)
+        self._dirty.add(lease)
+        self._wake.set()
+        return o.charge
+
+    # ------------------------------------------------------------------ batches
+
+    def _start(self) -> None:
+        if not self._tasks and not self._closing:
+            loop = asyncio.get_running_loop()
+            self._tasks = [
+                loop.create_task(self._flusher(), name="lease-flusher"),
+                loop.create_task(self._keeper(), name="lease-keeper"),
+            ]
+
+    async def _flusher(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            # Let a batch gather: the calls of the next few milliseconds share it.
+            await asyncio.sleep(self.policy.flush_seconds)
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Post every finished call now (and renew leases that asked for it); returns
+        once this worker's calls finished so far are committed, or failed."""
+        dirty, self._dirty = self._dirty, set()
+        earlier = list(self._posts)
+        if dirty:
+            expires = now_ms() + int(self.policy.ttl_seconds * 1000)
+            for lease in dirty:
+                batch, lease.unposted = lease.unposted, []
+                lease.posting += 1
+                post = asyncio.ensure_future(self._post(lease, batch, expires))
+                self._posts.add(post)
+                post.add_done_callback(self._posts.discard)
+                earlier.append(post)
+        if earlier:
+            await asyncio.gather(*earlier, return_exceptions=True)
+
+    async def _post(self, lease: Lease, batch: list[ops.Outcome], expires: int) -> None:
+        try:
+            alive = await self.writer.submit(self._post_op(lease, batch, expires))
+        except Exception as exc:
+            lease.posting -= 1
+            if isinstance(exc, WriterOverloaded) or store_unavailable(exc):
+                # Nothing was written: the batch is tried again with the next one.
+                lease.unposted[:0] = batch
+                self._dirty.add(lease)
+                self._wake.set()
+                return
+            log.error("lease %s: batch of %d calls not posted: %r", lease.id, len(batch), exc)
+            self._retire(lease)
+            return
+        lease.posting -= 1
+        if alive:
+            lease.expires_at_ms = expires
+        else:
+            self.lost_calls += sum(1 for o in batch if o.charge > 0)
+            log.warning("lease %s expired before %d calls were posted", lease.id, len(batch))
+            self._retire(lease)
+
+    def _post_op(
+        self, lease: Lease, batch: list[ops.Outcome], expires_at: int
+    ) -> Callable[[Tx], Awaitable[bool]]:
+        hooks = self.hooks
+        if lease.free:
+            amount = sum(1 for o in batch if ops.served(o.usage.upstream_status))
+        else:
+            amount = sum(o.charge for o in batch)
+
+        async def op(tx: Tx) -> bool:
+            if lease.free:
+                alive = await leases.use_free(tx, lease.id, amount, expires_at)
+            else:
+                alive = await leases.capture(tx, lease.id, amount, expires_at)
+            for o in batch:
+                if not alive and o.charge > 0:
+                    o = dataclasses.replace(o, charge=0, fee=0, lease_lost=True)
+                charged = await ops.finish(tx, o)
+                for hook in hooks:
+                    await hook(tx, o, charged)
+            return alive
+
+        return op
+
+    def _retire(self, lease: Lease) -> None:
+        """Stop using a lease; the ledger's view of it (its expiry) is the truth."""
+        lease.dead = True
+        self._forget(lease)
+
+    def _forget(self, lease: Lease) -> None:
+        self._by_id.pop(lease.id, None)
+        k = (lease.buyer_id, lease.key, lease.free)
+        group = self._leases.get(k)
+        if group is not None and lease in group:
+            group.remove(lease)
+            if not group:
+                del self._leases[k]
+
+    # ------------------------------------------------------------------ upkeep
+
+    async def _keeper(self) -> None:
+        while True:
+            await asyncio.sleep(self.policy.recall_check_seconds)
+            try:
+                await self._check_recalls()
+                await self.upkeep()
+            except Exception as exc:
+                log.debug("lease upkeep: %r", exc)
+
+    async def _check_recalls(self) -> None:
+        """Another worker found the wallet (or the free calls) empty while a lease of
+        ours held some: stop spending from it; upkeep closes it once it is quiet."""
+        live = [x for x in self._by_id.values() if not x.closing]
+        if not live:
+            return
+        async with self.writer.store.reader() as tx:
+            hit = await leases.recalled(
+                tx, [x.id for x in live if not x.free], [x.id for x in live if x.free]
+            )
+        until = time.monotonic() + self.policy.recall_backoff_seconds
+        for lease in live:
+            if lease.id in hit:
+                lease.closing = True
+                # The buyer's money is contended: exact holds for a while.
+                self._not_before[(lease.buyer_id, lease.key, lease.free)] = until
+
+    async def upkeep(self, *, closing: bool = False) -> None:
+        """Renew leases in use before they expire; close the idle and the spent."""
+        now = time.monotonic()
+        soon = now_ms() + int(self.policy.ttl_seconds * 500)
+        to_close = []
+        for lease in list(self._by_id.values()):
+            quiet = lease.in_flight == 0 and not lease.unposted and not lease.posting
+            spent = lease.size - lease.spent < lease.unit
+            idle = now - lease.last_used > self.policy.idle_seconds
+            if quiet and (closing or lease.closing or spent or idle):
+                lease.closing = True
+                to_close.append(lease)
+            elif lease.in_flight and lease.expires_at_ms < soon:
+                self._dirty.add(lease)  # an empty batch renews it
+        if self._dirty:
+            await self.flush()
+        for lease in to_close:
+            await self._close(lease)
+
+    async def _close(self, lease: Lease) -> None:
+        now = now_ms()
+        close = leases.close_free if lease.free else leases.close_balance
+        try:
+            await self.writer.submit(lambda tx: close(tx, lease.id, now))
+        except Exception as exc:
+            # Not closed now: it expires back by itself.
+            log.warning("lease %s not closed: %r", lease.id, exc)
+        self._forget(lease)
+
+    async def close(self, wait_seconds: float = 5.0) -> None:
+        """At shutdown: post what is finished and give every lease back."""
+        self._closing = True
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(BaseException):
+                await t
+        self._tasks = []
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            await self.flush()
+            if all(lease.in_flight == 0 for lease in self._by_id.values()):
+                break
+            if time.monotonic() > deadline:
+                break  # calls still running: their leases expire back
+            await asyncio.sleep(0.05)
+        await self.upkeep(closing=True)
+
+    def outstanding(self) -> dict[str, Any]:
+        return {
+            "leases": len(self._by_id),
+            "in_flight": sum(x.in_flight for x in self._by_id.values()),
+            "unposted": sum(len(x.unposted) for x in self._by_id.values()),
+        }
