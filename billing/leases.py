@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from billing.lease_posting import Hook, post_op, renew_op
 from ledger import leases, ops
 from ledger.db import Tx, store_unavailable
 from ledger.journal import now_ms
@@ -41,7 +41,9 @@ from ledger.writer import GroupCommitWriter, WriterOverloaded
 
 log = logging.getLogger("tollway.billing")
 
-Hook = Callable[[Tx, ops.Outcome, int], Awaitable[None]]
+
+# Past this without a commit, a lease admits no more calls from memory.
+STALL_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,12 +79,26 @@ class Lease:
     in_flight: int = 0
     unposted: list[ops.Outcome] = field(default_factory=list)
     posting: int = 0
+    posting_since: float = 0.0  # monotonic start of the posts in progress (0: none)
     last_used: float = 0.0
     closing: bool = False
     dead: bool = False
 
-    def covers(self, amount: int) -> bool:
-        return not (self.closing or self.dead) and self.size - self.spent >= amount
+    def covers(self, amount: int, now: int, margin_ms: int) -> bool:
+        # Not near its expiry either: a worker cut off from the database stops
+        # admitting well before another worker's sweeper gives the lease back.
+        return (
+            not (self.closing or self.dead)
+            and self.size - self.spent >= amount
+            and now < self.expires_at_ms - margin_ms
+            and not self.stalled()
+        )
+
+    def stalled(self) -> bool:
+        """Its batches have not committed for a while: the database is away, and
+        calls admitted now might never be posted. Calls take exact holds instead
+        (which wait for the database, or answer 503)."""
+        return bool(self.posting_since) and time.monotonic() - self.posting_since > STALL_SECONDS
 
 
 class LeaseBook:
@@ -108,14 +124,22 @@ class LeaseBook:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
-        self.lost_calls = 0  # posted after their lease expired: served, never charged
+        self.lost_calls = (
+            0  # served, never charged: posted after their lease expired, or unpostable
+        )
+        self._margin_ms = int(policy.ttl_seconds * 1000 / 3)
+        self._retired: list[Lease] = []
 
     # ------------------------------------------------------------------ the hot path
 
     def take(self, buyer_id: str, key: str, amount: int, free: bool) -> Lease | None:
         """Spend ``amount`` (or one free call) from a lease of this worker, in memory."""
-        for lease in self._leases.get((buyer_id, key, free), ()):
-            if lease.covers(amount):
+        group = self._leases.get((buyer_id, key, free))
+        if not group:
+            return None
+        now = now_ms()
+        for lease in group:
+            if lease.covers(amount, now, self._margin_ms):
                 lease.spent += amount
                 lease.in_flight += 1
                 lease.last_used = time.monotonic()
@@ -147,18 +171,21 @@ class LeaseBook:
         pending = self._opening.get(k)
         if pending is not None:
             return await asyncio.shield(pending)
-        fut: asyncio.Future[Lease | None] = asyncio.get_running_loop().create_future()
-        self._opening[k] = fut
+        # A task of its own: a caller that goes away (client gone) must not leave
+        # behind a lease the ledger holds and this worker does not know of.
+        task = asyncio.ensure_future(self._open_and_keep(k, unit, quota))
+        self._opening[k] = task
+        return await asyncio.shield(task)
+
+    async def _open_and_keep(self, k: tuple[str, str, bool], unit: int, quota: int) -> Lease | None:
+        buyer_id, key, free = k
         try:
             lease = await self._open(buyer_id, key, unit, free, quota)
-        except BaseException as exc:
-            fut.set_result(None)
-            if isinstance(exc, Exception):
-                log.warning("lease for %s not opened: %r", buyer_id, exc)
-                return None
-            raise
+        except Exception as exc:
+            log.warning("lease for %s not opened: %r", buyer_id, exc)
+            lease = None
         finally:
-            del self._opening[k]
+            self._opening.pop(k, None)
         if lease is None:
             # Too little left for a lease: exact holds for a while, no retry per call.
             self._not_before[k] = time.monotonic() + 1.0
@@ -166,7 +193,6 @@ class LeaseBook:
             self._leases.setdefault(k, []).append(lease)
             self._by_id[lease.id] = lease
             self._start()
-        fut.set_result(lease)
         return lease
 
     async def _open(
@@ -253,73 +279,80 @@ class LeaseBook:
             await asyncio.sleep(self.policy.flush_seconds)
             await self.flush()
 
-    async def flush(self) -> None:
-        """Post every finished call now (and renew leases that asked for it); returns
-        once this worker's calls finished so far are committed, or failed."""
+    async def flush(self, timeout: float | None = None) -> None:
+        """Post every finished call now; returns once this worker's calls finished so
+        far are committed (or given up), or after ``timeout`` seconds."""
         dirty, self._dirty = self._dirty, set()
-        earlier = list(self._posts)
+        waiting = list(self._posts)
         if dirty:
             expires = now_ms() + int(self.policy.ttl_seconds * 1000)
             for lease in dirty:
                 batch, lease.unposted = lease.unposted, []
-                lease.posting += 1
                 post = asyncio.ensure_future(self._post(lease, batch, expires))
                 self._posts.add(post)
                 post.add_done_callback(self._posts.discard)
-                earlier.append(post)
-        if earlier:
-            await asyncio.gather(*earlier, return_exceptions=True)
+                waiting.append(post)
+        if waiting:
+            await asyncio.wait(waiting, timeout=timeout)
 
     async def _post(self, lease: Lease, batch: list[ops.Outcome], expires: int) -> None:
+        if not lease.posting:
+            lease.posting_since = time.monotonic()
+        lease.posting += 1
         try:
-            alive = await self.writer.submit(self._post_op(lease, batch, expires))
+            if batch:
+                alive = await self._post_batch(lease, batch, expires)
+            else:
+                alive = await self.writer.submit(renew_op(lease.id, lease.free, expires))
         except Exception as exc:
+            log.error("lease %s: %d calls not posted: %r", lease.id, len(batch), exc)
+            self.lost_calls += len(batch)
+            alive = True
+        finally:
             lease.posting -= 1
-            if isinstance(exc, WriterOverloaded) or store_unavailable(exc):
-                # Nothing was written: the batch is tried again with the next one.
-                lease.unposted[:0] = batch
-                self._dirty.add(lease)
-                self._wake.set()
-                return
-            log.error("lease %s: batch of %d calls not posted: %r", lease.id, len(batch), exc)
-            self._retire(lease)
-            return
-        lease.posting -= 1
+            if not lease.posting:
+                lease.posting_since = 0.0
         if alive:
-            lease.expires_at_ms = expires
+            lease.expires_at_ms = max(lease.expires_at_ms, expires)
         else:
             self.lost_calls += sum(1 for o in batch if o.charge > 0)
             log.warning("lease %s expired before %d calls were posted", lease.id, len(batch))
             self._retire(lease)
 
-    def _post_op(
-        self, lease: Lease, batch: list[ops.Outcome], expires_at: int
-    ) -> Callable[[Tx], Awaitable[bool]]:
-        hooks = self.hooks
-        if lease.free:
-            amount = sum(1 for o in batch if ops.served(o.usage.upstream_status))
-        else:
-            amount = sum(o.charge for o in batch)
-
-        async def op(tx: Tx) -> bool:
-            if lease.free:
-                alive = await leases.use_free(tx, lease.id, amount, expires_at)
-            else:
-                alive = await leases.capture(tx, lease.id, amount, expires_at)
-            for o in batch:
-                if not alive and o.charge > 0:
-                    o = dataclasses.replace(o, charge=0, fee=0, lease_lost=True)
-                charged = await ops.finish(tx, o)
-                for hook in hooks:
-                    await hook(tx, o, charged)
-            return alive
-
-        return op
+    async def _post_batch(self, lease: Lease, batch: list[ops.Outcome], expires: int) -> bool:
+        maybe_posted, pause = False, 0.05
+        give_up = time.monotonic() + 300
+        while True:
+            op = post_op(
+                lease.id, lease.free, batch, expires, self.hooks, maybe_posted=maybe_posted
+            )
+            try:
+                return await self.writer.submit(op)
+            except Exception as exc:
+                if not (isinstance(exc, WriterOverloaded) or store_unavailable(exc)):
+                    break
+                if time.monotonic() > give_up:
+                    raise
+                # The database is away: the commit may or may not have happened.
+                maybe_posted = maybe_posted or not isinstance(exc, WriterOverloaded)
+                await asyncio.sleep(pause)
+                pause = min(1.0, pause * 2)
+        # One call the ledger refuses must not cost the others their record.
+        alive = True
+        for o in batch:
+            one = post_op(lease.id, lease.free, [o], expires, self.hooks, maybe_posted=True)
+            try:
+                alive = await self.writer.submit(one) and alive
+            except Exception as exc:
+                log.error("usage %s (lease %s) not recorded: %r", o.usage.id, lease.id, exc)
+                self.lost_calls += 1
+        return alive
 
     def _retire(self, lease: Lease) -> None:
-        """Stop using a lease; the ledger's view of it (its expiry) is the truth."""
+        """Stop using a lease; it is closed once its calls are done (a no-op when it
+        already expired in the ledger)."""
         lease.dead = True
-        self._forget(lease)
+        lease.closing = True
 
     def _forget(self, lease: Lease) -> None:
         self._by_id.pop(lease.id, None)
@@ -352,16 +385,36 @@ class LeaseBook:
                 tx, [x.id for x in live if not x.free], [x.id for x in live if x.free]
             )
         until = time.monotonic() + self.policy.recall_backoff_seconds
+        shrinks = []
         for lease in live:
             if lease.id in hit:
                 lease.closing = True
                 # The buyer's money is contended: exact holds for a while.
                 self._not_before[(lease.buyer_id, lease.key, lease.free)] = until
+                if lease.spent and lease.size > lease.spent:
+                    shrinks.append(self._shrink(lease))
+        await asyncio.gather(*shrinks)
+
+    async def _shrink(self, lease: Lease) -> None:
+        """Give back at once what the lease's calls did not take; what they took stays
+        until they finish (a long call must not hold the rest hostage)."""
+        size, keep, now = lease.size, lease.spent, now_ms()
+        if lease.free:
+            op: Any = lambda tx: leases.shrink_free(tx, lease.id, size, keep)  # noqa: E731
+        else:
+            op = lambda tx: leases.shrink_balance(tx, lease.id, size, keep, now)  # noqa: E731
+        try:
+            if await self.writer.submit(op):
+                lease.size = keep
+        except Exception as exc:
+            log.warning("lease %s not shrunk: %r", lease.id, exc)
 
     async def upkeep(self, *, closing: bool = False) -> None:
         """Renew leases in use before they expire; close the idle and the spent."""
         now = time.monotonic()
-        soon = now_ms() + int(self.policy.ttl_seconds * 500)
+        # Leases with calls running are renewed about every second, so another
+        # worker can tell a live lease (worth waiting for) from a dead worker's.
+        soon = now_ms() + int(self.policy.ttl_seconds * 1000) - 1500
         to_close = []
         for lease in list(self._by_id.values()):
             quiet = lease.in_flight == 0 and not lease.unposted and not lease.posting
@@ -373,9 +426,8 @@ class LeaseBook:
             elif lease.in_flight and lease.expires_at_ms < soon:
                 self._dirty.add(lease)  # an empty batch renews it
         if self._dirty:
-            await self.flush()
-        for lease in to_close:
-            await self._close(lease)
+            await self.flush(timeout=2.0)
+        await asyncio.gather(*(self._close(lease) for lease in to_close))
 
     async def _close(self, lease: Lease) -> None:
         now = now_ms()
@@ -398,13 +450,15 @@ class LeaseBook:
         self._tasks = []
         deadline = time.monotonic() + wait_seconds
         while True:
-            await self.flush()
+            await self.flush(timeout=max(0.1, deadline - time.monotonic()))
             if all(lease.in_flight == 0 for lease in self._by_id.values()):
                 break
             if time.monotonic() > deadline:
                 break  # calls still running: their leases expire back
             await asyncio.sleep(0.05)
         await self.upkeep(closing=True)
+        for post in list(self._posts):
+            post.cancel()  # the database is away: what is not posted expires back
 
     def outstanding(self) -> dict[str, Any]:
         return {

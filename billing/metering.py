@@ -129,12 +129,21 @@ class Meter:
         return None
 
     async def begin(
-        self, buyer_id: str, service: Service, usage_id: str, idem_key: str | None = None
+        self,
+        buyer_id: str,
+        service: Service,
+        usage_id: str,
+        idem_key: str | None = None,
+        *,
+        exact: bool = False,
     ) -> Ticket:
+        """``exact``: a hold of its own, captured before the answer completes (a call
+        that asks for a signed receipt), never a lease."""
         if idem_key is None and service.free_tier_calls <= 0 and service.price_units <= 0:
             # Nothing to reserve or remember: skip the store entirely.
             return Ticket(usage_id, buyer_id, service, ops.NO_CHARGE, None, 0, 0, False, None)
-        if idem_key is None:
+        epoch = wallet_credit_epoch()  # before the ledger round: a credit during it counts
+        if idem_key is None and not exact:
             ticket = await self._lease_begin(buyer_id, service, usage_id)
             if ticket is not None:
                 return ticket
@@ -167,6 +176,8 @@ class Meter:
         stale_ms = int((policy.idle_seconds + 2 * policy.recall_check_seconds + 2) * 1000)
         live_ms = int(policy.ttl_seconds * 1000) - stale_ms
 
+        recall = [leasing]
+
         async def op(tx: Tx) -> tuple[str, str | None, ops.Reserved | None]:
             if idem_key is not None:
                 state, prior = await ops.claim_idempotency(
@@ -174,7 +185,7 @@ class Meter:
                 )
                 if state != ops.CLAIMED:
                     return state, prior, None
-            if leasing and res.free_quota > 0:
+            if recall[0] and res.free_quota > 0 and res.price > 0:
                 # Free calls left, but in another worker's lease: wait for them
                 # rather than charge for a call that should be free.
                 now = now_ms()
@@ -189,7 +200,7 @@ class Meter:
                 if idem_key is not None:
                     await ops.release_idempotency(tx, buyer_id, idem_key)
                 now = now_ms()
-                if leasing and await leases.recall_balance(
+                if recall[0] and await leases.recall_balance(
                     tx, buyer_id, service.asset, now, now + live_ms
                 ):
                     # The money is in other workers' leases, which give it back now.
@@ -203,7 +214,8 @@ class Meter:
             if state != _RECALLED:
                 break
             if time.monotonic() > deadline:
-                raise PaymentRequired("the balance is in use by calls in flight; retry shortly")
+                recall[0] = False  # waited long enough: decide on what the wallet holds now
+                continue
             await asyncio.sleep(pause)
             pause = min(0.2, pause * 2)
         if state == ops.IN_FLIGHT:
@@ -215,7 +227,7 @@ class Meter:
             if self.refusal_memo_seconds > 0:
                 if len(self._refused) > 100_000:
                     self._refused.clear()
-                self._refused[(buyer_id, service.id)] = (time.monotonic(), wallet_credit_epoch())
+                self._refused[(buyer_id, service.id)] = (time.monotonic(), epoch)
             raise PaymentRequired("no free-tier calls left and the prepaid balance is too low")
         amount = service.price_units if reserved.mode == ops.HELD else 0
         return Ticket(

@@ -199,6 +199,11 @@ def wallet_credit_epoch() -> int:
     return _wallet_credits[0]
 
 
+def note_wallet_credit() -> None:
+    """Something a refusal depended on came back (free calls, say)."""
+    _wallet_credits[0] += 1
+
+
 # Tables whose rows a transaction may still hold in memory; a statement that
 # names one of them sees the buffered rows written first.
 _BUFFERED_TABLES = ("accounts", "transfers")

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ledger import journal as j
-from ledger.db import Tx
+from ledger.db import Tx, note_wallet_credit
 from ledger.journal import Transfer, new_id
 
 LEASE = "lease"
@@ -92,6 +92,62 @@ async def capture(tx: Tx, lease_id: str, amount: int, expires_at: int) -> bool:
         expires_at,
     )
     return n == 1
+
+
+async def shrink_balance(tx: Tx, lease_id: str, size: int, keep: int, now: int) -> int:
+    """Cut a recalled lease from ``size`` down to ``keep`` (what its worker's calls
+    took) and give the difference back to the wallet at once, so money does not
+    wait behind a long call in flight. Returns what went back (0 if it had moved on)."""
+    row = await tx.fetchrow(
+        "UPDATE holds SET amount = $3"
+        " WHERE id = $1 AND status = 'pending' AND kind = 'lease' AND amount = $2"
+        " AND captured <= $3 RETURNING account_id, asset",
+        lease_id,
+        size,
+        keep,
+    )
+    if row is None or size <= keep:
+        return 0
+    await tx.transfer(
+        Transfer(
+            new_id("tr"),
+            j.holding(row["asset"]),
+            _wallet_of(row["account_id"], row["asset"]),
+            size - keep,
+            "release",
+            f"shrink:{lease_id}",
+            hold_id=lease_id,
+        ),
+        now=now,
+    )
+    return size - keep
+
+
+async def shrink_free(tx: Tx, lease_id: str, size: int, keep: int) -> int:
+    row = await tx.fetchrow(
+        "UPDATE free_tier_leases SET slots = $3"
+        " WHERE id = $1 AND status = 'pending' AND slots = $2 AND used <= $3"
+        " RETURNING buyer_id, service_id",
+        lease_id,
+        size,
+        keep,
+    )
+    if row is None or size <= keep:
+        return 0
+    await tx.execute(
+        "UPDATE free_tier_usage SET used = used - $3"
+        " WHERE buyer_id = $1 AND service_id = $2 AND used >= $3",
+        row["buyer_id"],
+        row["service_id"],
+        size - keep,
+    )
+    note_wallet_credit()
+    return size - keep
+
+
+async def already_posted(tx: Tx, usage_id: str) -> bool:
+    """Whether a batch whose commit went unanswered did commit (its first call's row)."""
+    return await tx.fetchval("SELECT 1 FROM usage_records WHERE id = $1", usage_id) is not None
 
 
 async def close_balance(tx: Tx, lease_id: str, now: int, *, status: str = "closed") -> int:
@@ -228,6 +284,7 @@ async def close_free(tx: Tx, lease_id: str, now: int, *, status: str = "closed")
         return 0
     rest = int(row["rest"])
     if rest > 0:
+        note_wallet_credit()  # free calls back: a remembered refusal may be stale
         await tx.execute(
             "UPDATE free_tier_usage SET used = used - $3"
             " WHERE buyer_id = $1 AND service_id = $2 AND used >= $3",

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ledger import journal as j
-from ledger.db import DuplicateError, Tx, register_bulk_insert
+from ledger.db import DuplicateError, Tx, note_wallet_credit, register_bulk_insert
 from ledger.journal import Transfer, new_id, now_ms
 
 FREE = "free"
@@ -192,6 +192,7 @@ async def finish(tx: Tx, o: Outcome) -> int:
     elif o.mode == FREE and o.charge == 0 and not _served(u):
         # A failed call gives its free-tier slot back.
         outcome = "voided"
+        note_wallet_credit()
         await tx.execute(
             "UPDATE free_tier_usage SET used = used - 1"
             " WHERE buyer_id = $1 AND service_id = $2 AND used > 0",

@@ -73,7 +73,9 @@ def request_id(request: web.Request) -> str:
     rid = request.get(_RID)
     if rid is None:
         rid = request.headers.get(REQUEST_ID)
-        if not rid or len(rid) > 128:
+        # Echoed, logged and stored with the usage row: printable ASCII only (a
+        # value the database refuses would fail the batch the call is posted in).
+        if not rid or len(rid) > 128 or not (rid.isascii() and rid.isprintable()):
             rid = os.urandom(12).hex()
         request[_RID] = rid
     return rid

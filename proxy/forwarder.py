@@ -113,6 +113,8 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
             "Idempotency-Key must be 1..255 printable ASCII characters",
         )
 
+    # A signed receipt states a committed charge: such a call takes an exact hold.
+    want_receipt = rt.receipts is not None and _receipt_wanted(rt.settings.receipts, request)
     paid = None
     if rt.payments is not None and (key is None or rt.payments.carries_payment(request)):
         # A payment carried on this request (x402 header or invoice): the payments layer decides.
@@ -124,7 +126,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     else:
         assert key is not None
         try:
-            ticket = await rt.meter.begin(key.owner_id, svc, usage_id, idem)
+            ticket = await rt.meter.begin(key.owner_id, svc, usage_id, idem, exact=want_receipt)
         except PaymentRequired as exc:
             metrics.REQUESTS.labels(svc.id, "payment_required").inc()
             if rt.payments is not None:
@@ -194,8 +196,14 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         )
 
     pending: DeferredCapture | None = None
+    # A call admitted from this worker's lease is recorded once its body is through
+    # (in memory; its batch posts it): with the bytes it really sent, and voided
+    # if the upstream breaks the body off.
+    leased = served and ticket.lease is not None
     hold_left = rt.settings.hold_ttl_seconds - (time.monotonic() - ticket.reserved_at)
-    if paid is None and served and hold_left > _HOLD_MARGIN_SECONDS:
+    if leased:
+        charged = ticket.amount
+    elif paid is None and served and hold_left > _HOLD_MARGIN_SECONDS:
         # The hold secures the money and has time left, so the headers need not
         # wait: the capture starts when the upstream's body is complete (a body
         # the upstream breaks off is voided, never charged) and the bytes that
@@ -247,7 +255,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     h["X-ACF-Latency-Ms"] = f"{latency * 1000:.1f}"
     h[REQUEST_ID] = rid
     h.update(decision.headers())  # the tightest limit's policy and what is left of it
-    if charged and rt.receipts is not None and _receipt_wanted(rt.settings.receipts, request):
+    if charged and want_receipt:
         h["X-ACF-Receipt"] = _receipt(rt, request, ticket, charged)
     if paid is not None and paid.response_headers:
         h.update(paid.response_headers)
@@ -276,6 +284,9 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 # The upstream broke its body off: the call failed, so it is not charged.
                 log.info("upstream body of %s broke off: %r", ticket.usage_id, exc)
+                if leased:
+                    leased = False
+                    await _settle(rt, request, ticket, None, UPSTREAM_BROKEN, t_up, body, sent, rid)
                 if pending is not None:
                     await asyncio.shield(pending.start(lambda: settle_as(UPSTREAM_BROKEN)))
                     pending = None
@@ -293,6 +304,11 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
             captured, pending = pending, None
             if not await captured_before_completion(captured, request, ticket):
                 return resp  # before the end of a chunked (e.g. SSE) stream
+        if leased:
+            leased = False
+            await _settle(
+                rt, request, ticket, None, up.status, t_up, body, sent, rid, latency=latency
+            )
     except (ConnectionResetError, aiohttp.ClientError, asyncio.CancelledError) as exc:
         # The client left mid-body: the call was answered and stays charged.
         log.info("stream %s ended early: %r", ticket.usage_id, exc)
@@ -304,14 +320,20 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         return resp
     finally:
         up.release()
+        if leased:
+            # The client left mid-body: the call was answered and is charged.
+            await _settle(
+                rt, request, ticket, None, up.status, t_up, body, sent, rid, latency=latency
+            )
         if pending is not None:
             # The client left mid-body: charged, if the capture can commit at all
             # (if not, the hold expires back to the buyer; it was logged).
             with contextlib.suppress(Exception):
                 await asyncio.shield(pending.start())
     counted = body.count if isinstance(body, RequestBody) else (len(body) if body else 0)
-    if known_len is None or (
-        isinstance(body, RequestBody) and counted != (request.content_length or counted)
+    if ticket.lease is None and (
+        known_len is None
+        or (isinstance(body, RequestBody) and counted != (request.content_length or counted))
     ):
         rt.amend_usage(ticket.usage_id, counted, sent)
     await resp.write_eof()

@@ -81,7 +81,7 @@ async def admin_credit(request: web.Request) -> web.Response:
 async def usage_me(request: web.Request) -> web.Response:
     rt: Runtime = request.app[RT]
     key = await rt.keys.authenticate(request)
-    await rt.meter.leases.flush()  # this worker's leased calls, posted before the read
+    await rt.meter.leases.flush(timeout=2.0)  # this worker's leased calls, posted before the read
     row = await rt.store.fetchrow(
         "SELECT COUNT(*) AS calls, COALESCE(SUM(amount), 0) AS spent, AVG(latency_ms) AS lat,"
         " COALESCE(SUM(free_tier), 0) AS free FROM usage_records WHERE buyer_id = $1",

@@ -106,7 +106,7 @@ async def render_withdrawals(rt: Runtime, rows: list[Any]) -> list[dict[str, Any
 
 async def balance(request: web.Request) -> web.Response:
     rt, key = await _caller(request)
-    await rt.meter.leases.flush()  # this worker's leased calls, posted before the read
+    await rt.meter.leases.flush(timeout=2.0)  # this worker's leased calls, posted before the read
     per_asset = await balances(rt.store, key.owner_id)
     if not any(b["asset"] == rt.settings.default_asset for b in per_asset):
         per_asset.insert(
