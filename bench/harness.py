@@ -29,6 +29,9 @@ ALL_MODES = {
     "sqlite-2w": T.Mode("sqlite-2w", "sqlite", 2),
     "pg-redis-1w": T.Mode("pg-redis-1w", "pg", 1),
     "pg-redis-2w": T.Mode("pg-redis-2w", "pg", 2),
+    # The worker curve's last point: more workers than cores, sharing them with
+    # the load generator and PostgreSQL.
+    "pg-redis-4w": T.Mode("pg-redis-4w", "pg", 4),
 }
 
 
@@ -623,7 +626,9 @@ def scrape_metrics(base: str) -> dict[str, float]:
     except Exception:
         return out
     for line in text.splitlines():
-        if line.startswith("tollway_ledger") and ("_sum" in line or "_count" in line):
+        if line.startswith(("tollway_ledger", "tollway_requests_total")) and (
+            "_sum" in line or "_count" in line or "_total" in line
+        ):
             name, _, val = line.rpartition(" ")
             try:
                 out[name] = float(val)
@@ -635,6 +640,15 @@ def scrape_metrics(base: str) -> dict[str, float]:
 def metrics_delta(m0: dict, m1: dict) -> dict:
     """Mean of each ledger histogram over the load point (one worker's view when N > 1)."""
     out = {}
+    sent = m1.get("tollway_ledger_statements_total", 0) - m0.get(
+        "tollway_ledger_statements_total", 0
+    )
+    calls = sum(v - m0.get(k, 0) for k, v in m1.items() if k.startswith("tollway_requests_total"))
+    if calls > 0:
+        # Over every worker (the counters are whole in multiprocess mode).
+        out["ledger_statements"] = sent
+        out["calls"] = calls
+        out["statements_per_call"] = round(sent / calls, 4)
     for name, v1 in m1.items():
         if name.endswith("_sum"):
             base = name[: -len("_sum")]
@@ -684,6 +698,67 @@ def targets(res: dict) -> list[dict]:
                     "value": round(ratio, 3),
                     "limit": 0.8,
                     "met": ratio >= 0.8,
+                }
+            )
+        if m.get("workers") == 1 and ref:
+            for scen, limit in (("free", 0.8), ("402", 1.0)):
+                if scen in sc:
+                    ratio = sc[scen]["rps"] / ref
+                    out.append(
+                        {
+                            "target": f"{scen} req/s >= {limit} x bare (one process)",
+                            "mode": name,
+                            "value": round(ratio, 3),
+                            "limit": limit,
+                            "met": ratio >= limit,
+                        }
+                    )
+        if m.get("db") == "pg" and "prepaid" in sc:
+            pre = sc["prepaid"]
+            spc = pre.get("ledger_metrics", {}).get("statements_per_call")
+            if spc is not None:
+                out.append(
+                    {
+                        "target": "PostgreSQL statements per prepaid call <= 0.2 (Tollway's counter)",
+                        "mode": name,
+                        "value": spc,
+                        "limit": 0.2,
+                        "met": spc <= 0.2,
+                    }
+                )
+            pg_pct = pre.get("cpu_pct", {}).get("postgres")
+            if pg_pct is not None and pre.get("rps"):
+                us = pg_pct / 100 / pre["rps"] * 1e6
+                out.append(
+                    {
+                        "target": "PostgreSQL CPU per prepaid call <= 50 us",
+                        "mode": name,
+                        "value_us": round(us, 1),
+                        "limit_us": 50,
+                        "met": us <= 50,
+                    }
+                )
+            one = res.get("tollway", {}).get("pg-redis-1w", {}).get("scenarios", {})
+            if m.get("workers", 1) > 1 and "prepaid" in one:
+                ratio = pre["rps"] / one["prepaid"]["rps"]
+                out.append(
+                    {
+                        "target": f"prepaid req/s, {m['workers']} workers vs 1 >= 1.0",
+                        "mode": name,
+                        "value": round(ratio, 3),
+                        "limit": 1.0,
+                        "met": ratio >= 1.0,
+                    }
+                )
+        if "large" in sc and sc["large"].get("rss", {}).get("before_mb"):
+            idle = max(sc["large"]["rss"]["before_mb"].values())
+            out.append(
+                {
+                    "target": "idle RSS per worker <= 60 MB (before the large body)",
+                    "mode": name,
+                    "value_mb": round(idle, 1),
+                    "limit_mb": 60,
+                    "met": idle <= 60,
                 }
             )
         for key, label, info in (
@@ -868,7 +943,7 @@ def print_report(res: dict) -> None:
     print()
     print("Targets:")
     for t in res.get("targets", []):
-        val = t.get("value", t.get("value_ms", t.get("value_mb")))
+        val = t.get("value", t.get("value_ms", t.get("value_mb", t.get("value_us"))))
         tag = (
             ("met " if t["met"] else "miss")
             if t.get("informational")
@@ -892,7 +967,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--modes",
         default=",".join(ALL_MODES),
-        help="comma list of Tollway modes, or 'none' (default: all four)",
+        help="comma list of Tollway modes, or 'none' (default: all five)",
     )
     ap.add_argument("--duration", type=float, default=6.0, help="seconds per load point")
     ap.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds before each")
@@ -903,7 +978,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sse-count", type=int, default=100)
     ap.add_argument("--large-bytes", type=int, default=1 << 30)
     ap.add_argument("--large-timeout", type=float, default=60.0)
-    ap.add_argument("--budget", type=float, default=285.0, help="hard wall-clock limit, s")
+    ap.add_argument("--budget", type=float, default=360.0, help="hard wall-clock limit, s")
     ap.add_argument("--startup-timeout", type=float, default=60.0)
     ap.add_argument(
         "--pg-url", default=os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432")

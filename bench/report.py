@@ -152,7 +152,7 @@ def render(res: dict) -> str:
             )
     out += ["", "### Targets", "", "| target | mode | value | met |", "|---|---|---|---|"]
     for t in res.get("targets", []):
-        val = t.get("value", t.get("value_ms", t.get("value_mb")))
+        val = t.get("value", t.get("value_ms", t.get("value_mb", t.get("value_us"))))
         met = (
             ("yes" if t["met"] else "no")
             if t.get("informational")

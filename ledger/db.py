@@ -190,6 +190,15 @@ _UPSERT_BALANCE = (
     "INSERT INTO accounts (id, asset, kind, owner_id, balance, created_at) VALUES ($1, $2, $3, $4, $5, $6)"
     " ON CONFLICT (id) DO UPDATE SET balance = accounts.balance + excluded.balance"
 )
+# SQL statements sent to the database by this process (BEGIN and COMMIT count):
+# the capacity model's "statements per call" (proxy.metrics exports it).
+_statements = [0]
+
+
+def statements_sent() -> int:
+    return _statements[0]
+
+
 # Bumped by every transfer into a wallet made in this process (a credit, a void,
 # a lease's rest): a refusal remembered before it may be stale.
 _wallet_credits = [0]
@@ -385,6 +394,7 @@ class _PgTx(_BufferedTx):
 
     async def _resolve_many(self, items: list[tuple[str, str, int]]) -> int:
         ids, statuses, ats = zip(*items, strict=True)
+        _statements[0] += 1
         status = await self.conn.execute(
             "UPDATE holds AS h SET status = u.status, resolved_at = u.at"
             " FROM unnest($1::text[], $2::text[], $3::bigint[]) AS u(id, status, at)"
@@ -396,6 +406,7 @@ class _PgTx(_BufferedTx):
         return int(status.rsplit(" ", 1)[-1])
 
     async def _exec(self, sql: str, args: tuple[Any, ...]) -> int:
+        _statements[0] += 1
         status = await self.conn.execute(sql, *args)
         try:
             return int(status.rsplit(" ", 1)[-1])
@@ -403,23 +414,28 @@ class _PgTx(_BufferedTx):
             return 0
 
     async def _rows_of(self, sql: str, args: tuple[Any, ...]) -> list[Row]:
+        _statements[0] += 1
         return await self.conn.fetch(sql, *args)
 
     async def _row_of(self, sql: str, args: tuple[Any, ...]) -> Row | None:
+        _statements[0] += 1
         return await self.conn.fetchrow(sql, *args)
 
     async def _many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
         bulk = _PG_BULK.get(sql)
         if bulk is not None and len(rows) > 1:
             # One statement for the whole batch (executemany runs one per row).
+            _statements[0] += 1
             await self.conn.execute(bulk, *map(list, zip(*rows, strict=True)))
         else:
+            _statements[0] += len(rows)
             await self.conn.executemany(sql, rows)
 
     async def _read_balance(self, account_id: str) -> int | None:
         # No lock here: the write-out locks and rechecks (see _BufferedTx), so
         # two writers spending from one wallet do not queue behind each other
         # for a whole batch.
+        _statements[0] += 1
         return await self.conn.fetchval("SELECT balance FROM accounts WHERE id = $1", account_id)
 
     async def _lock_balances(self, deltas: list[tuple[str, list[Any]]]) -> dict[str, int] | None:
@@ -429,8 +445,10 @@ class _PgTx(_BufferedTx):
         # removed, so each process creates a given account at most once.
         new = [(k, v[0], v[1], v[2], v[4]) for k, v in deltas if k not in self.existing]
         if new:
+            _statements[0] += len(new)
             await self.conn.executemany(_CREATE_ACCOUNT, new)
         ids = [k for k, _ in deltas]
+        _statements[0] += 1
         rows = await self.conn.fetch(
             "SELECT id, balance FROM accounts WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE",
             ids,
@@ -507,6 +525,7 @@ class PostgresStore(Store):
 
         async with self.pool.acquire() as conn:
             try:
+                _statements[0] += 2  # BEGIN, COMMIT
                 async with conn.transaction():
                     tx = _PgTx(conn, self._existing_accounts, optimistic)
                     yield tx
@@ -582,6 +601,7 @@ class _SqliteTx(_BufferedTx):
         return n
 
     async def _exec(self, sql: str, args: tuple[Any, ...]) -> int:
+        _statements[0] += 1
         try:
             return self.db.execute(_sqlite_sql(sql), args).rowcount
         except sqlite3.IntegrityError as exc:
@@ -590,12 +610,15 @@ class _SqliteTx(_BufferedTx):
             raise
 
     async def _rows_of(self, sql: str, args: tuple[Any, ...]) -> list[Row]:
+        _statements[0] += 1
         return self.db.execute(_sqlite_sql(sql), args).fetchall()
 
     async def _row_of(self, sql: str, args: tuple[Any, ...]) -> Row | None:
+        _statements[0] += 1
         return self.db.execute(_sqlite_sql(sql), args).fetchone()
 
     async def _many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        _statements[0] += len(rows)
         try:
             self.db.executemany(_sqlite_sql(sql), rows)
         except sqlite3.IntegrityError as exc:
@@ -657,6 +680,7 @@ class SQLiteStore(Store):
             # IMMEDIATE takes the write lock up front, so two processes on one
             # file serialize instead of failing later with SQLITE_BUSY.
             self.db.execute("BEGIN IMMEDIATE")
+            _statements[0] += 2  # BEGIN, COMMIT
             tx = _SqliteTx(self.db, optimistic)
             try:
                 yield tx

@@ -19,6 +19,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from ledger.db import statements_sent
+
 MULTIPROC = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 _LAT = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -71,10 +73,20 @@ WEBHOOKS = Counter(
 )
 
 
+LEDGER_STATEMENTS = Counter(
+    "tollway_ledger_statements_total",
+    "SQL statements sent to the ledger database, BEGIN and COMMIT included",
+)
+_statements_seen = [0]
+
+
 def observe_batch(size: int, seconds: float, depth: int) -> None:
     LEDGER_BATCH.observe(size)
     LEDGER_COMMIT.observe(seconds)
     LEDGER_QUEUE.set(depth)
+    sent = statements_sent()
+    LEDGER_STATEMENTS.inc(sent - _statements_seen[0])
+    _statements_seen[0] = sent
 
 
 class RequestCounters:
