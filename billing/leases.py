@@ -54,7 +54,7 @@ class LeasePolicy:
     after_calls: int = 4  # calls within a second that make a buyer hot
     idle_seconds: float = 2.0
     ttl_seconds: float = 30.0
-    flush_seconds: float = 0.01
+    flush_seconds: float = 0.025
     recall_check_seconds: float = 0.1  # how soon a recalled lease is noticed
     recall_backoff_seconds: float = 5.0  # no new lease for a buyer whose lease was recalled
     recall_wait_seconds: float = 2.0  # how long a call waits for recalled leases to return

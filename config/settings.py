@@ -114,7 +114,7 @@ class Settings:
     # How long a dead worker's lease keeps its slice before it expires back.
     lease_ttl_seconds: float = 30.0
     # How long finished leased calls wait to share a batch.
-    lease_flush_ms: float = 10.0
+    lease_flush_ms: float = 25.0
     # A call refused for want of balance is refused again from memory for this
     # long (unless money reached a wallet through this process meanwhile).
     refusal_memo_seconds: float = 1.0

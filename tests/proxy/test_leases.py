@@ -164,11 +164,12 @@ async def test_leased_calls_match_exact_holds_on_both_stores(
 
 
 async def test_free_tier_exact_across_two_instances_with_free_call_leases(
-    tmp_path, pg_url: str, redis_url: str, upstream: Upstream
+    tmp_path, db_url: str, redis_url: str, upstream: Upstream
 ):
+    pg_url = db_url  # both stores: SQLite is one file shared by the two processes
     tw = await start_processes(
-        pg_url,
-        redis_url,
+        db_url,
+        redis_url if db_url.startswith("postgres") else None,
         str(tmp_path),
         instances=2,
         lease_after_calls=1,
@@ -207,3 +208,52 @@ async def test_a_refusal_is_remembered_until_money_arrives(tollway: InProcess, u
     assert _commits() - batches_before <= 2
     await tollway.credit("buyer", "1.00")
     assert await _calls(tollway, tollway.base, sid, key, 1) == [200]
+
+
+async def test_failed_upstreams_under_a_lease_charge_nothing(
+    tmp_path, db_url: str, upstream: Upstream
+):
+    """500, 503, a timeout and an unreachable upstream, each admitted from a lease:
+    nothing is charged, the lease gets the money back, and so does the wallet."""
+    import socket
+
+    tw = await start_inprocess(
+        db_url,
+        None,
+        str(tmp_path),
+        upstream_read_timeout=0.5,
+        hold_ttl_seconds=30,
+        lease_after_calls=1,
+        lease_idle_seconds=0.5,
+    )
+    try:
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+        s.close()
+        p = await tw.key("prov", "provider")
+        live = await tw.service(p, upstream.url, price="0.25")
+        gone = await tw.service(p, f"http://127.0.0.1:{dead}", price="0.25")
+        key = await tw.key("buyer")
+        await tw.credit("buyer", "100.00")
+        cases = [(live, "status/500", 500), (live, "status/503", 503)]
+        cases += [(live, "slow?s=3", 504), (gone, "x", 502)]
+        for sid, path, expected in cases:
+            st, _, h = await tw.call(sid, path, key)
+            assert st == expected
+            if st in (500, 503):
+                assert h["X-ACF-Amount"] == "0.00"
+        store = tw.rt.store
+        usage = await store.fetch("SELECT amount, hold_id FROM usage_records ORDER BY created_at")
+        assert [u["amount"] for u in usage] == [0, 0, 0, 0]
+        assert all(u["hold_id"].startswith("lse") for u in usage)  # all admitted from the lease
+        assert await store.fetchval("SELECT SUM(captured) FROM holds WHERE kind = 'lease'") == 0
+        await asyncio.sleep(1.5)  # idle: the lease closes and gives everything back
+        assert await store.fetchval("SELECT COUNT(*) FROM holds WHERE status = 'pending'") == 0
+        wallet = await store.fetchval(
+            "SELECT balance FROM accounts WHERE id = $1", j.wallet("buyer", "USDC").id
+        )
+        assert wallet == 100_000_000
+    finally:
+        await tw.close()
+    assert ledger_verify(db_url).returncode == 0

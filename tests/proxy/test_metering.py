@@ -84,9 +84,12 @@ async def _priced(
 
 
 async def test_two_processes_never_overdraw(
-    tmp_path, pg_url: str, redis_url: str, upstream: Upstream
+    tmp_path, db_url: str, redis_url: str, upstream: Upstream
 ):
-    tw = await start_processes(pg_url, redis_url, str(tmp_path), instances=2)
+    """Two instances, leases on (the defaults): 100 calls' worth, 200 calls, on both stores."""
+    pg_url = db_url  # the name the body below uses; SQLite too (one file, two processes)
+    redis = redis_url if db_url.startswith("postgres") else None
+    tw = await start_processes(db_url, redis, str(tmp_path), instances=2)
     try:
         sid, b = await _priced(tw, upstream, "0.10", credit="10.00")
         results = await _spread(tw, tw.bases, sid, "ok", b, 200)  # type: ignore[attr-defined]
@@ -103,6 +106,12 @@ async def test_two_processes_never_overdraw(
         await tw.close()
     r = ledger_verify(pg_url)
     assert r.returncode == 0, r.stdout
+    s = open_store(db_url)
+    await s.connect()
+    try:  # the calls were admitted from leases (balance 100 calls' worth, hot buyer)
+        assert await s.fetchval("SELECT COUNT(*) FROM holds WHERE kind = 'lease'") >= 1
+    finally:
+        await s.close()
 
 
 async def test_one_process_on_sqlite_never_overdraws(tollway_sqlite: InProcess, upstream: Upstream):
