@@ -83,6 +83,8 @@ class Lease:
     last_used: float = 0.0
     closing: bool = False
     dead: bool = False
+    opened_at: float = field(default_factory=time.monotonic)
+    calls: int = 0  # the calls' worth it was sized for
 
     def covers(self, amount: int, now: int, margin_ms: int) -> bool:
         # Not near its expiry either: a worker cut off from the database stops
@@ -179,8 +181,15 @@ class LeaseBook:
 
     async def _open_and_keep(self, k: tuple[str, str, bool], unit: int, quota: int) -> Lease | None:
         buyer_id, key, free = k
+        # A buyer that spends a lease within a couple of seconds gets a bigger one
+        # next (up to 256 times the base): fewer opens, each still at most 1/share.
+        now = time.monotonic()
+        recent = [x for x in self._leases.get(k, ()) if now - x.opened_at < 2.0]
+        calls = self.policy.calls
+        if recent:
+            calls = min(max(x.calls for x in recent) * 4, self.policy.calls * 256)
         try:
-            lease = await self._open(buyer_id, key, unit, free, quota)
+            lease = await self._open(buyer_id, key, unit, free, quota, calls)
         except Exception as exc:
             log.warning("lease for %s not opened: %r", buyer_id, exc)
             lease = None
@@ -196,7 +205,7 @@ class LeaseBook:
         return lease
 
     async def _open(
-        self, buyer_id: str, key: str, unit: int, free: bool, quota: int
+        self, buyer_id: str, key: str, unit: int, free: bool, quota: int, calls: int
     ) -> Lease | None:
         p = self.policy
         ttl_ms = int(p.ttl_seconds * 1000)
@@ -209,7 +218,7 @@ class LeaseBook:
                     buyer_id,
                     key,
                     quota,
-                    want=p.calls,
+                    want=calls,
                     floor=p.min_calls,
                     share=p.share,
                     ttl_ms=ttl_ms,
@@ -223,7 +232,7 @@ class LeaseBook:
                     tx,
                     buyer_id,
                     key,
-                    want=unit * p.calls,
+                    want=unit * calls,
                     floor=unit * p.min_calls,
                     share=p.share,
                     ttl_ms=ttl_ms,
@@ -242,6 +251,7 @@ class LeaseBook:
             1 if free else unit,
             free=free,
             last_used=time.monotonic(),
+            calls=calls,
         )
 
     def lease_of(self, lease_id: str) -> Lease | None:

@@ -74,6 +74,10 @@ class KeyCache:
         self.registry = registry
         self.ttl = ttl
         self._entries: dict[str, tuple[KeyRecord, float]] = {}
+        # key id -> (the record's hash, the secret that matched it): a repeat call
+        # skips the hash. Tied to the record's hash, so a rotated key checks again;
+        # the record itself still expires from the cache after ``ttl``.
+        self._verified: dict[str, tuple[str, str]] = {}
         self._negative: OrderedDict[str, float] = OrderedDict()
         self._max_negative = max_negative
         self._bootstrap: KeyRecord | None = None
@@ -85,6 +89,7 @@ class KeyCache:
 
     def forget(self, key_id: str) -> None:
         self._entries.pop(key_id, None)
+        self._verified.pop(key_id, None)
 
     def cached(self, headers: Any) -> bool:
         """Whether the request's key (if any) would be found without a database read."""
@@ -133,10 +138,24 @@ class KeyCache:
             return None
         key_id, secret = creds
         rec = await self.lookup(key_id)
+        seen = self._verified.get(key_id)
+        if (
+            rec is not None
+            and seen is not None
+            and seen[0] == rec.secret_hash
+            and hmac.compare_digest(seen[1], secret)  # constant time, as the hash check
+        ):
+            # The same secret, already checked against this very record: no hash.
+            if rec.status != "active":
+                raise ApiError(401, "unauthorized", "invalid API key")
+            return rec
         expected = rec.secret_hash if rec is not None else "sha256$" + "0" * 64
         ok = hmac.compare_digest(expected, hash_secret(key_id, secret))
         if rec is None or not ok or rec.status != "active":
             raise ApiError(401, "unauthorized", "invalid API key")
+        if len(self._verified) > 100_000:
+            self._verified.clear()
+        self._verified[key_id] = (rec.secret_hash, secret)
         return rec
 
 

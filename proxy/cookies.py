@@ -11,9 +11,12 @@ cookie they hold.
 
 from __future__ import annotations
 
+import functools
+
 _SCOPED_ATTRIBUTES = frozenset({"path", "domain"})
 
 
+@functools.lru_cache(maxsize=4096)  # per service id; computed on every proxied call
 def cookie_prefix(service_id: str) -> str:
     return "tw_" + "".join(c for c in service_id if c.isalnum()) + "_"
 
