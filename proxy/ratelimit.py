@@ -26,6 +26,7 @@ the tollway_ratelimit_fallback_total metric.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
@@ -41,8 +42,9 @@ SLOT_MS = 5_000
 SLOTS = WINDOW_MS // SLOT_MS + 1
 
 # KEYS: one hash per limit (slot index -> count). ARGV[1]: count of limits, then
-# per limit: the quota. Returns {allowed (0/1), retry_after_ms, remaining,
-# reset_ms, index of the limit that decided}.
+# per limit: the quota, then how many admissions the caller would take at once.
+# Returns {allowed (0/1), retry_after_ms, remaining, reset_ms, index of the limit
+# that decided} and, when allowed, {admissions granted, ms until the slot ends}.
 WINDOW_LUA = (
     """
 local t = redis.call('TIME')
@@ -50,6 +52,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local slot = math.floor(now / %(slot)d)
 local first = slot - %(slots)d + 1
 local n = tonumber(ARGV[1])
+local want = tonumber(ARGV[n + 2] or '1')
 local worst_remaining, worst_reset, worst_idx = nil, 0, 1
 for i = 1, n do
   local quota = tonumber(ARGV[1 + i])
@@ -84,11 +87,14 @@ for i = 1, n do
     worst_remaining, worst_reset, worst_idx = remaining, reset, i
   end
 end
+-- Up to ``want`` admissions at once, all counted in this slot: the caller spends
+-- them before the slot ends, so each is where it would have been counted alone.
+local grant = math.max(1, math.min(want, worst_remaining + 1))
 for i = 1, n do
-  redis.call('HINCRBY', KEYS[i], slot, 1)
+  redis.call('HINCRBY', KEYS[i], slot, grant)
   redis.call('PEXPIRE', KEYS[i], %(window)d + 2 * %(slot)d)
 end
-return {1, 0, worst_remaining, worst_reset, worst_idx}
+return {1, 0, worst_remaining - grant + 1, worst_reset, worst_idx, grant, (slot + 1) * %(slot)d - now}
 """.replace("%(slot)d", str(SLOT_MS))
     .replace("%(slots)d", str(SLOTS))
     .replace("%(window)d", str(WINDOW_MS))
@@ -125,6 +131,27 @@ class Decision:
 
 
 ALLOW = Decision(True, 0, 0, 0, None)
+
+# Limits this high (calls per minute, every limit of the request) are checked a
+# block of admissions at a time: one script run admits up to
+# quota // TOKEN_SHARE of them (at most TOKEN_BLOCK), spent in memory until the
+# 5-second slot they were counted in ends. Unused ones are lost with their slot,
+# so the limit only gets stricter. Lower limits are counted call by call.
+TOKEN_MIN_QUOTA = 600
+TOKEN_SHARE = 100
+TOKEN_BLOCK = 256
+# Admissions are spent this long before their slot ends on Redis's clock (the
+# reply's trip back, and clock rate differences over five seconds).
+TOKEN_MARGIN_SECONDS = 0.1
+
+
+@dataclass(slots=True)
+class _Tokens:
+    left: int
+    until: float  # monotonic
+    remaining: int
+    reset_ms: int
+    limit: Limit
 
 
 class LocalLimiter:
@@ -200,8 +227,11 @@ class RedisLimiter:
         self.on_fallback = on_fallback
         self._sha: str | None = None
         self._down_until = 0.0
-        self._pending: list[tuple[Sequence[Limit], asyncio.Future[Decision]]] = []
+        self._pending: list[tuple[Sequence[Limit], int, asyncio.Future[Decision]]] = []
         self._flushing = False
+        self._tokens: dict[tuple[str, ...], _Tokens] = {}
+        self._refills: dict[tuple[str, ...], asyncio.Future[Decision]] = {}
+        self.scripts_sent = 0  # script runs (the capacity model's Redis commands per call)
 
     @property
     def state(self) -> str:
@@ -219,14 +249,42 @@ class RedisLimiter:
     async def check(self, limits: Sequence[Limit]) -> Decision:
         if not limits:
             return ALLOW
-        if time.monotonic() < self._down_until:
+        now = time.monotonic()
+        if now < self._down_until:
             return self._fallback(limits)
+        want = 1
+        if all(lim.per_minute >= TOKEN_MIN_QUOTA for lim in limits):
+            key = tuple(lim.bucket for lim in limits)
+            while True:
+                tokens = self._tokens.get(key)
+                if tokens is not None and tokens.left > 0 and now < tokens.until:
+                    tokens.left -= 1
+                    return Decision(
+                        True, 0, tokens.remaining + tokens.left, tokens.reset_ms, tokens.limit
+                    )
+                refill = self._refills.get(key)
+                if refill is None or refill.done():
+                    break
+                await asyncio.shield(refill)  # one block at a time per set of limits
+                now = time.monotonic()
+            want = min(TOKEN_BLOCK, max(1, min(lim.per_minute for lim in limits) // TOKEN_SHARE))
+            fut = self._ask(limits, want)
+            self._refills[key] = fut
+            fut.add_done_callback(functools.partial(self._refilled, key))
+            return await asyncio.shield(fut)
+        return await self._ask(limits, 1)
+
+    def _refilled(self, key: tuple[str, ...], fut: asyncio.Future[Decision]) -> None:
+        if self._refills.get(key) is fut:
+            del self._refills[key]
+
+    def _ask(self, limits: Sequence[Limit], want: int) -> asyncio.Future[Decision]:
         fut: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
-        self._pending.append((limits, fut))
+        self._pending.append((limits, want, fut))
         if not self._flushing:
             self._flushing = True
             asyncio.get_running_loop().create_task(self._flush())
-        return await fut
+        return fut
 
     def _fallback(self, limits: Sequence[Limit]) -> Decision:
         if self.on_fallback is not None:
@@ -248,36 +306,51 @@ class RedisLimiter:
                         self.down_policy,
                     )
                     self._down_until = time.monotonic() + 1.0
-                    for limits, fut in batch:
+                    for limits, _, fut in batch:
                         if not fut.done():
                             fut.set_result(self._fallback(limits))
                     continue
-                for (limits, fut), r in zip(batch, replies, strict=True):
+                received = time.monotonic()
+                for (limits, want, fut), r in zip(batch, replies, strict=True):
                     if fut.done():
                         continue
                     if isinstance(r, Exception):
                         fut.set_result(self._fallback(limits))
-                    else:
-                        fut.set_result(
-                            Decision(
-                                bool(r[0]), int(r[1]), int(r[2]), int(r[3]), limits[int(r[4]) - 1]
-                            )
+                        continue
+                    limit = limits[int(r[4]) - 1]
+                    d = Decision(bool(r[0]), int(r[1]), int(r[2]), int(r[3]), limit)
+                    if d.allowed and want > 1 and len(r) > 6 and int(r[5]) > 1:
+                        if len(self._tokens) > 100_000:
+                            self._tokens.clear()
+                        self._tokens[tuple(lim.bucket for lim in limits)] = _Tokens(
+                            int(r[5]) - 1,  # this call takes the first
+                            received + int(r[6]) / 1000 - TOKEN_MARGIN_SECONDS,
+                            d.remaining,
+                            d.reset_ms,
+                            limit,
                         )
+                    fut.set_result(d)
         finally:
             self._flushing = False
 
-    async def _send(self, batch: list[tuple[Sequence[Limit], Any]]) -> list[Any]:
+    async def _send(self, batch: list[tuple[Sequence[Limit], int, Any]]) -> list[Any]:
         from redis.exceptions import NoScriptError
 
         if self._sha is None:
             self._sha = await self.client.script_load(WINDOW_LUA)
         for attempt in (0, 1):
             pipe = self.client.pipeline(transaction=False)
-            for limits, _ in batch:
+            self.scripts_sent += len(batch)
+            for limits, want, _ in batch:
                 # "rw:" (sliding window hashes), never the GCRA strings under "rl:".
                 keys = [f"{self.key_prefix}rw:{lim.bucket}" for lim in limits]
                 pipe.evalsha(
-                    self._sha, len(keys), *keys, len(limits), *(lim.per_minute for lim in limits)
+                    self._sha,
+                    len(keys),
+                    *keys,
+                    len(limits),
+                    *(lim.per_minute for lim in limits),
+                    want,
                 )
             replies = await pipe.execute(raise_on_error=False)
             if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):

@@ -91,6 +91,50 @@ async def test_two_instances_never_admit_more_than_the_advertised_quota(
         await tw.close()
 
 
+async def test_high_limits_are_checked_in_blocks_and_still_never_exceeded(
+    tmp_path, pg_url: str, redis_url: str, upstream: Upstream
+):
+    """1,200/min (blocks of 12 admissions, spent within their 5 s slot) across two
+    instances: 2,000 calls in a burst admit at most 1,200, with far fewer script runs
+    than calls; the same holds in process for one limiter (counted below)."""
+    tw = await start_processes(pg_url, redis_url, str(tmp_path), instances=2)
+    try:
+        sid, b = await _priced(tw, upstream, "0", rate_limit=1200)
+        bases = tw.bases  # type: ignore[attr-defined]
+        sem = asyncio.Semaphore(32)
+
+        async def one(i: int) -> int:
+            async with sem:
+                async with tw.session.get(
+                    f"{bases[i % 2]}/api/v1/proxy/{sid}/ok",
+                    headers={"Authorization": f"Bearer {b}"},
+                ) as r:
+                    await r.read()
+                    return r.status
+
+        statuses = await asyncio.gather(*(one(i) for i in range(2000)))
+        passed = statuses.count(200)
+        assert set(statuses) <= {200, 429}
+        assert 1000 <= passed <= 1200, passed  # blocks unused at a slot's end are lost
+    finally:
+        await tw.close()
+
+
+async def test_admission_blocks_cut_script_runs(tmp_path, pg_url: str, redis_url: str, upstream):
+    from tests.support.tollway import start_inprocess
+
+    tw = await start_inprocess(pg_url, redis_url, str(tmp_path))
+    try:
+        sid, b = await _priced(tw, upstream, "0", rate_limit=1_000_000)
+        before = tw.rt.limiter.scripts_sent
+        for _ in range(10):
+            await asyncio.gather(*(tw.call(sid, "ok", b) for _ in range(30)))
+        sent = tw.rt.limiter.scripts_sent - before
+        assert sent <= 300 // 50, sent  # blocks of 256 (two limits: key and IP)
+    finally:
+        await tw.close()
+
+
 async def test_a_service_can_have_its_own_limit_per_caller(tollway: InProcess, upstream: Upstream):
     p = await tollway.key("prov", "provider")
     sid = await tollway.service(p, upstream.url, rate_limit=5)
