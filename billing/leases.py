@@ -26,14 +26,14 @@ buyer did not have.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
+from billing.lease_model import Lease, LeasePolicy
 from billing.lease_posting import Hook, post_op, renew_op
+from billing.lease_upkeep import LeaseUpkeep
 from ledger import leases, ops
 from ledger.db import Tx, store_unavailable
 from ledger.journal import now_ms
@@ -42,68 +42,7 @@ from ledger.writer import GroupCommitWriter, WriterOverloaded
 log = logging.getLogger("tollway.billing")
 
 
-# Past this without a commit, a lease admits no more calls from memory.
-STALL_SECONDS = 1.0
-
-
-@dataclass(frozen=True, slots=True)
-class LeasePolicy:
-    calls: int = 64  # calls' worth of money (or free calls) per lease; 0: no leases
-    share: int = 4  # a lease takes at most 1/share of what is left
-    min_calls: int = 8  # below this many calls' worth, exact per-call holds
-    after_calls: int = 4  # calls within a second that make a buyer hot
-    idle_seconds: float = 2.0
-    ttl_seconds: float = 30.0
-    flush_seconds: float = 0.025
-    recall_check_seconds: float = 0.1  # how soon a recalled lease is noticed
-    recall_backoff_seconds: float = 5.0  # no new lease for a buyer whose lease was recalled
-    recall_wait_seconds: float = 2.0  # how long a call waits for recalled leases to return
-
-    @property
-    def enabled(self) -> bool:
-        return self.calls > 0
-
-
-@dataclass(slots=True, eq=False)
-class Lease:
-    """One balance lease (``slots`` is None) or free-tier lease, as this worker sees it."""
-
-    id: str
-    buyer_id: str
-    key: str  # the asset of a balance lease, the service of a free-tier lease
-    size: int  # money units, or free calls
-    expires_at_ms: int
-    unit: int  # the price that sized it (1 for free calls)
-    free: bool = False
-    spent: int = 0  # taken by calls in flight or finished, less what failed calls gave back
-    in_flight: int = 0
-    unposted: list[ops.Outcome] = field(default_factory=list)
-    posting: int = 0
-    posting_since: float = 0.0  # monotonic start of the posts in progress (0: none)
-    last_used: float = 0.0
-    closing: bool = False
-    dead: bool = False
-    opened_at: float = field(default_factory=time.monotonic)
-    calls: int = 0  # the calls' worth it was sized for
-
-    def covers(self, amount: int, now: int, margin_ms: int) -> bool:
-        # Not near its expiry either: a worker cut off from the database stops
-        # admitting well before another worker's sweeper gives the lease back.
-        return (
-            not (self.closing or self.dead)
-            and self.size - self.spent >= amount
-            and now < self.expires_at_ms - margin_ms
-            and not self.stalled()
-        )
-
-    def stalled(self) -> bool:
-        """Its batches have not committed for a while: the database is away, and
-        calls admitted now might never be posted. Calls take exact holds instead
-        (which wait for the database, or answer 503)."""
-        return bool(self.posting_since) and time.monotonic() - self.posting_since > STALL_SECONDS
-
-
-class LeaseBook:
+class LeaseBook(LeaseUpkeep):
     def __init__(
         self,
         writer: GroupCommitWriter,
@@ -372,103 +311,6 @@ class LeaseBook:
             group.remove(lease)
             if not group:
                 del self._leases[k]
-
-    # ------------------------------------------------------------------ upkeep
-
-    async def _keeper(self) -> None:
-        while True:
-            await asyncio.sleep(self.policy.recall_check_seconds)
-            try:
-                await self._check_recalls()
-                await self.upkeep()
-            except Exception as exc:
-                log.debug("lease upkeep: %r", exc)
-
-    async def _check_recalls(self) -> None:
-        """Another worker found the wallet (or the free calls) empty while a lease of
-        ours held some: stop spending from it; upkeep closes it once it is quiet."""
-        live = [x for x in self._by_id.values() if not x.closing]
-        if not live:
-            return
-        async with self.writer.store.reader() as tx:
-            hit = await leases.recalled(
-                tx, [x.id for x in live if not x.free], [x.id for x in live if x.free]
-            )
-        until = time.monotonic() + self.policy.recall_backoff_seconds
-        shrinks = []
-        for lease in live:
-            if lease.id in hit:
-                lease.closing = True
-                # The buyer's money is contended: exact holds for a while.
-                self._not_before[(lease.buyer_id, lease.key, lease.free)] = until
-                if lease.spent and lease.size > lease.spent:
-                    shrinks.append(self._shrink(lease))
-        await asyncio.gather(*shrinks)
-
-    async def _shrink(self, lease: Lease) -> None:
-        """Give back at once what the lease's calls did not take; what they took stays
-        until they finish (a long call must not hold the rest hostage)."""
-        size, keep, now = lease.size, lease.spent, now_ms()
-        if lease.free:
-            op: Any = lambda tx: leases.shrink_free(tx, lease.id, size, keep)  # noqa: E731
-        else:
-            op = lambda tx: leases.shrink_balance(tx, lease.id, size, keep, now)  # noqa: E731
-        try:
-            if await self.writer.submit(op):
-                lease.size = keep
-        except Exception as exc:
-            log.warning("lease %s not shrunk: %r", lease.id, exc)
-
-    async def upkeep(self, *, closing: bool = False) -> None:
-        """Renew leases in use before they expire; close the idle and the spent."""
-        now = time.monotonic()
-        # Leases with calls running are renewed about every second, so another
-        # worker can tell a live lease (worth waiting for) from a dead worker's.
-        soon = now_ms() + int(self.policy.ttl_seconds * 1000) - 1500
-        to_close = []
-        for lease in list(self._by_id.values()):
-            quiet = lease.in_flight == 0 and not lease.unposted and not lease.posting
-            spent = lease.size - lease.spent < lease.unit
-            idle = now - lease.last_used > self.policy.idle_seconds
-            if quiet and (closing or lease.closing or spent or idle):
-                lease.closing = True
-                to_close.append(lease)
-            elif lease.in_flight and lease.expires_at_ms < soon:
-                self._dirty.add(lease)  # an empty batch renews it
-        if self._dirty:
-            await self.flush(timeout=2.0)
-        await asyncio.gather(*(self._close(lease) for lease in to_close))
-
-    async def _close(self, lease: Lease) -> None:
-        now = now_ms()
-        close = leases.close_free if lease.free else leases.close_balance
-        try:
-            await self.writer.submit(lambda tx: close(tx, lease.id, now))
-        except Exception as exc:
-            # Not closed now: it expires back by itself.
-            log.warning("lease %s not closed: %r", lease.id, exc)
-        self._forget(lease)
-
-    async def close(self, wait_seconds: float = 5.0) -> None:
-        """At shutdown: post what is finished and give every lease back."""
-        self._closing = True
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(BaseException):
-                await t
-        self._tasks = []
-        deadline = time.monotonic() + wait_seconds
-        while True:
-            await self.flush(timeout=max(0.1, deadline - time.monotonic()))
-            if all(lease.in_flight == 0 for lease in self._by_id.values()):
-                break
-            if time.monotonic() > deadline:
-                break  # calls still running: their leases expire back
-            await asyncio.sleep(0.05)
-        await self.upkeep(closing=True)
-        for post in list(self._posts):
-            post.cancel()  # the database is away: what is not posted expires back
 
     def outstanding(self) -> dict[str, Any]:
         return {

@@ -35,6 +35,7 @@ from proxy.capture import UPSTREAM_BROKEN, DeferredCapture, captured_before_comp
 from proxy.cookies import cookie_prefix, scope_set_cookie, service_path
 from proxy.errors import REQUEST_ID, ApiError, request_id
 from proxy.ratelimit import Limit
+from proxy.receipt_header import receipt_wanted, sign_receipt
 from proxy.runtime import RT, Runtime
 from proxy.upstream_request import (
     HOP_BY_HOP,
@@ -114,7 +115,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         )
 
     # A signed receipt states a committed charge: such a call takes an exact hold.
-    want_receipt = rt.receipts is not None and _receipt_wanted(rt.settings.receipts, request)
+    want_receipt = rt.receipts is not None and receipt_wanted(rt.settings.receipts, request)
     paid = None
     if rt.payments is not None and (key is None or rt.payments.carries_payment(request)):
         # A payment carried on this request (x402 header or invoice): the payments layer decides.
@@ -256,7 +257,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     h[REQUEST_ID] = rid
     h.update(decision.headers())  # the tightest limit's policy and what is left of it
     if charged and want_receipt:
-        h["X-ACF-Receipt"] = _receipt(rt, request, ticket, charged)
+        h["X-ACF-Receipt"] = sign_receipt(rt, request, ticket, charged)
     if paid is not None and paid.response_headers:
         h.update(paid.response_headers)
     rt.counters.inc(
@@ -401,31 +402,3 @@ async def _settle(
         metrics.CHARGED.labels(ticket.service.asset).inc(charged)
         rt.after_charge(ticket, charged)
     return int(charged or 0)
-
-
-def _receipt_wanted(mode: str, request: web.Request) -> bool:
-    """A signature costs more than the rest of the call's billing: by default it is
-    made only for a request that says ``Prefer: receipt`` (RFC 7240)."""
-    if mode == "always":
-        return True
-    if mode == "off":
-        return False
-    prefer = request.headers.get("Prefer")
-    return prefer is not None and any(
-        p.split(";", 1)[0].strip().lower() == "receipt" for p in prefer.split(",")
-    )
-
-
-def _receipt(rt: Runtime, request: web.Request, t: Ticket, amount: int) -> str:
-    from billing.receipts import request_hash
-
-    body_hash = None  # the body streams through unread; the receipt binds method, path and query
-    return rt.receipts.sign(  # type: ignore[union-attr]
-        t.usage_id,
-        t.service.id,
-        t.buyer_id,
-        amount,
-        t.service.asset,
-        int(time.time()),
-        request_hash(request.method, request.raw_path, body_hash),
-    )
