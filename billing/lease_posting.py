@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Awaitable, Callable
 
+from billing.lease_model import Lease
 from ledger import leases, ops
 from ledger.db import Tx
 
@@ -30,14 +31,14 @@ def batch_amount(free: bool, batch: list[ops.Outcome]) -> int:
 
 
 def post_op(
-    lease_id: str,
-    free: bool,
+    lease: Lease,
     batch: list[ops.Outcome],
     expires_at: int,
     hooks: list[Hook],
     *,
     maybe_posted: bool = False,
 ) -> Op:
+    lease_id, free = lease.id, lease.free
     amount = batch_amount(free, batch)
 
     async def op(tx: Tx) -> bool:
@@ -45,6 +46,11 @@ def post_op(
             return True
         if free:
             alive = await leases.use_free(tx, lease_id, amount, expires_at)
+            if not alive and amount:
+                # The lease expired (its slots went back) before these free calls were
+                # posted: they were served free all the same, so they count against
+                # the quota now, and the buyer's next calls pay sooner.
+                await leases.count_free_calls(tx, lease.buyer_id, lease.key, amount)
         else:
             alive = await leases.capture(tx, lease_id, amount, expires_at)
         for o in batch:

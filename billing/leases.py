@@ -237,6 +237,11 @@ class LeaseBook(LeaseUpkeep):
             expires = now_ms() + int(self.policy.ttl_seconds * 1000)
             for lease in dirty:
                 batch, lease.unposted = lease.unposted, []
+                # Counted as posting from the hand-off on: upkeep must not close the
+                # lease before the task has even started.
+                if not lease.posting:
+                    lease.posting_since = time.monotonic()
+                lease.posting += 1
                 post = asyncio.ensure_future(self._post(lease, batch, expires))
                 self._posts.add(post)
                 post.add_done_callback(self._posts.discard)
@@ -245,9 +250,6 @@ class LeaseBook(LeaseUpkeep):
             await asyncio.wait(waiting, timeout=timeout)
 
     async def _post(self, lease: Lease, batch: list[ops.Outcome], expires: int) -> None:
-        if not lease.posting:
-            lease.posting_since = time.monotonic()
-        lease.posting += 1
         try:
             if batch:
                 alive = await self._post_batch(lease, batch, expires)
@@ -272,9 +274,7 @@ class LeaseBook(LeaseUpkeep):
         maybe_posted, pause = False, 0.05
         give_up = time.monotonic() + 300
         while True:
-            op = post_op(
-                lease.id, lease.free, batch, expires, self.hooks, maybe_posted=maybe_posted
-            )
+            op = post_op(lease, batch, expires, self.hooks, maybe_posted=maybe_posted)
             try:
                 return await self.writer.submit(op)
             except Exception as exc:
@@ -289,7 +289,7 @@ class LeaseBook(LeaseUpkeep):
         # One call the ledger refuses must not cost the others their record.
         alive = True
         for o in batch:
-            one = post_op(lease.id, lease.free, [o], expires, self.hooks, maybe_posted=True)
+            one = post_op(lease, [o], expires, self.hooks, maybe_posted=True)
             try:
                 alive = await self.writer.submit(one) and alive
             except Exception as exc:

@@ -85,7 +85,9 @@ async def capture(tx: Tx, lease_id: str, amount: int, expires_at: int) -> bool:
     ``expires_at``; False when the lease is no longer pending (it expired or was
     closed first), in which case the caller must post nothing from it."""
     n = await tx.execute(
-        "UPDATE holds SET captured = captured + $2, expires_at = $3"
+        "UPDATE holds SET captured = captured + $2,"
+        # Never earlier: a batch retried after a newer one must not shorten the lease.
+        " expires_at = CASE WHEN expires_at > $3 THEN expires_at ELSE $3 END"
         " WHERE id = $1 AND status = 'pending' AND captured + $2 <= amount",
         lease_id,
         amount,
@@ -262,13 +264,24 @@ async def open_free(
 
 async def use_free(tx: Tx, lease_id: str, calls: int, expires_at: int) -> bool:
     n = await tx.execute(
-        "UPDATE free_tier_leases SET used = used + $2, expires_at = $3"
+        "UPDATE free_tier_leases SET used = used + $2,"
+        " expires_at = CASE WHEN expires_at > $3 THEN expires_at ELSE $3 END"
         " WHERE id = $1 AND status = 'pending' AND used + $2 <= slots",
         lease_id,
         calls,
         expires_at,
     )
     return n == 1
+
+
+async def count_free_calls(tx: Tx, buyer_id: str, service_id: str, calls: int) -> None:
+    """Free calls served outside any live lease are still counted (even past the quota)."""
+    await tx.execute(
+        "UPDATE free_tier_usage SET used = used + $3 WHERE buyer_id = $1 AND service_id = $2",
+        buyer_id,
+        service_id,
+        calls,
+    )
 
 
 async def close_free(tx: Tx, lease_id: str, now: int, *, status: str = "closed") -> int:
@@ -309,6 +322,10 @@ async def expire_free(tx: Tx, now: int, limit: int = 500) -> int:
 
 # --------------------------------------------------------------------------- recalls
 
+# A recalled lease's worker notices within a tenth of a second and gives back at
+# once what its calls do not hold; past this, the rest is theirs until they end.
+RECALL_ANSWERED_MS = 1000
+
 
 async def recall_balance(tx: Tx, buyer_id: str, asset: str, now: int, live_after: int) -> int:
     """Ask the workers holding this wallet's leases to give them back; returns how
@@ -317,10 +334,14 @@ async def recall_balance(tx: Tx, buyer_id: str, asset: str, now: int, live_after
     the money is in a dead worker's lease until it expires."""
     return await tx.execute(
         "UPDATE holds SET recalled_at = COALESCE(recalled_at, $2)"
-        " WHERE account_id = $1 AND kind = 'lease' AND status = 'pending' AND expires_at > $3",
+        " WHERE account_id = $1 AND kind = 'lease' AND status = 'pending' AND expires_at > $3"
+        # A lease recalled a while ago has given back what it could: what it still
+        # holds belongs to calls in flight, however long they run. Not worth waiting.
+        " AND (recalled_at IS NULL OR recalled_at > $4)",
         j.wallet(buyer_id, asset).id,
         now,
         live_after,
+        now - RECALL_ANSWERED_MS,
     )
 
 
@@ -339,11 +360,12 @@ async def recall_free(
     return await tx.execute(
         "UPDATE free_tier_leases SET recalled_at = COALESCE(recalled_at, $3)"
         " WHERE buyer_id = $1 AND service_id = $2 AND status = 'pending' AND used < slots"
-        " AND expires_at > $4",
+        " AND expires_at > $4 AND (recalled_at IS NULL OR recalled_at > $5)",
         buyer_id,
         service_id,
         now,
         live_after,
+        now - RECALL_ANSWERED_MS,
     )
 
 

@@ -30,6 +30,7 @@ from config.netpolicy import AddressForbidden
 from ledger.db import store_unavailable
 from ledger.journal import new_id
 from ledger.ops import CLIENT_GONE
+from ledger.ops import served as ops_served
 from proxy import metrics
 from proxy.capture import UPSTREAM_BROKEN, DeferredCapture, captured_before_completion
 from proxy.cookies import cookie_prefix, scope_set_cookie, service_path
@@ -178,7 +179,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         rt.counters.inc(svc.id, "client_gone")
         return web.Response(status=499)
 
-    served = up.status < 500
+    served = ops_served(up.status)  # a 5xx or an upstream's own 499 is not charged
     known_len = up.content_length
 
     def settle_as(status: int, *, strict: bool = False) -> Any:
@@ -204,7 +205,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     hold_left = rt.settings.hold_ttl_seconds - (time.monotonic() - ticket.reserved_at)
     if leased:
         charged = ticket.amount
-    elif paid is None and served and hold_left > _HOLD_MARGIN_SECONDS:
+    elif paid is None and served and hold_left > _HOLD_MARGIN_SECONDS and not want_receipt:
         # The hold secures the money and has time left, so the headers need not
         # wait: the capture starts when the upstream's body is complete (a body
         # the upstream breaks off is voided, never charged) and the bytes that
@@ -235,43 +236,53 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
                     headers={"Retry-After": "2"},
                 ) from None
             raise
-    resp = web.StreamResponse(status=up.status, reason=up.reason)
-    h = resp.headers
-    conn = up.headers.get("Connection")
-    drop = HOP_BY_HOP if not conn else HOP_BY_HOP | {t.strip().lower() for t in conn.split(",")}
-    for k, v in up.headers.items():
-        kl = k.lower()
-        if kl == "set-cookie":
-            scoped = scope_set_cookie(v, cookie_prefix(svc.id), service_path(request.path, svc.id))
-            if scoped is not None:
-                h.add(k, scoped)
-            continue
-        # Billing and payment headers are ours alone: an upstream cannot forge them.
-        if kl not in drop and not kl.startswith("x-acf-") and kl not in PAYMENT_RESPONSE:
-            h.add(k, v)
-    decimals = rt.settings.asset_decimals
-    h["X-ACF-Usage-Id"] = ticket.usage_id
-    h["X-ACF-Amount"] = format_amount(charged, decimals)
-    h["X-ACF-Free-Tier"] = "true" if ticket.free_tier and served else "false"
-    h["X-ACF-Latency-Ms"] = f"{latency * 1000:.1f}"
-    h[REQUEST_ID] = rid
-    h.update(decision.headers())  # the tightest limit's policy and what is left of it
-    if charged and want_receipt:
-        h["X-ACF-Receipt"] = sign_receipt(rt, request, ticket, charged)
-    if paid is not None and paid.response_headers:
-        h.update(paid.response_headers)
-    rt.counters.inc(
-        svc.id,
-        "charged"
-        if charged
-        else (
-            "free"
-            if ticket.free_tier and served
-            else ("upstream_error" if not served else "no_charge")
-        ),
-    )
-    metrics.UPSTREAM_LATENCY.observe(latency)
-    metrics.OVERHEAD.observe(t_up - t0)
+    try:
+        resp = web.StreamResponse(status=up.status, reason=up.reason)
+        h = resp.headers
+        conn = up.headers.get("Connection")
+        drop = HOP_BY_HOP if not conn else HOP_BY_HOP | {t.strip().lower() for t in conn.split(",")}
+        for k, v in up.headers.items():
+            kl = k.lower()
+            if kl == "set-cookie":
+                scoped = scope_set_cookie(
+                    v, cookie_prefix(svc.id), service_path(request.path, svc.id)
+                )
+                if scoped is not None:
+                    h.add(k, scoped)
+                continue
+            # Billing and payment headers are ours alone: an upstream cannot forge them.
+            if kl not in drop and not kl.startswith("x-acf-") and kl not in PAYMENT_RESPONSE:
+                h.add(k, v)
+        decimals = rt.settings.asset_decimals
+        h["X-ACF-Usage-Id"] = ticket.usage_id
+        h["X-ACF-Amount"] = format_amount(charged, decimals)
+        h["X-ACF-Free-Tier"] = "true" if ticket.free_tier and served else "false"
+        h["X-ACF-Latency-Ms"] = f"{latency * 1000:.1f}"
+        h[REQUEST_ID] = rid
+        h.update(decision.headers())  # the tightest limit's policy and what is left of it
+        if charged and want_receipt:
+            h["X-ACF-Receipt"] = sign_receipt(rt, request, ticket, charged)
+        if paid is not None and paid.response_headers:
+            h.update(paid.response_headers)
+        rt.counters.inc(
+            svc.id,
+            "charged"
+            if charged
+            else (
+                "free"
+                if ticket.free_tier and served
+                else ("upstream_error" if not served else "no_charge")
+            ),
+        )
+        metrics.UPSTREAM_LATENCY.observe(latency)
+        metrics.OVERHEAD.observe(t_up - t0)
+    except BaseException:
+        # Nothing was delivered: a leased call gives its money back to the lease
+        # (it would otherwise stay in flight, and the lease renewed, for good).
+        up.release()
+        if leased:
+            await _settle(rt, request, ticket, None, UPSTREAM_BROKEN, t_up, body, 0, rid)
+        raise
 
     sent = 0
     try:

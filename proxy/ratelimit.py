@@ -140,8 +140,8 @@ ALLOW = Decision(True, 0, 0, 0, None)
 TOKEN_MIN_QUOTA = 600
 TOKEN_SHARE = 100
 TOKEN_BLOCK = 256
-# Admissions are spent this long before their slot ends on Redis's clock (the
-# reply's trip back, and clock rate differences over five seconds).
+# Admissions are spent this long before their slot ends on Redis's clock, counted
+# from when the request was sent (clock rate differences over five seconds).
 TOKEN_MARGIN_SECONDS = 0.1
 
 
@@ -265,8 +265,14 @@ class RedisLimiter:
                 refill = self._refills.get(key)
                 if refill is None or refill.done():
                     break
-                await asyncio.shield(refill)  # one block at a time per set of limits
+                # One block at a time per set of limits; its answer is the waiters'
+                # answer too when it is a refusal, or when Redis went away meanwhile.
+                answer = await asyncio.shield(refill)
+                if not answer.allowed:
+                    return answer
                 now = time.monotonic()
+                if now < self._down_until:
+                    return self._fallback(limits)
             want = min(TOKEN_BLOCK, max(1, min(lim.per_minute for lim in limits) // TOKEN_SHARE))
             fut = self._ask(limits, want)
             self._refills[key] = fut
@@ -297,6 +303,9 @@ class RedisLimiter:
         try:
             while self._pending:
                 batch, self._pending = self._pending, []
+                # Admission blocks expire by the send time: the script ran after it,
+                # so a reply that comes back late cannot stretch a block past its slot.
+                sent = time.monotonic()
                 try:
                     replies = await self._send(batch)
                 except Exception as exc:  # connection refused, timeout: Redis is down
@@ -310,7 +319,6 @@ class RedisLimiter:
                         if not fut.done():
                             fut.set_result(self._fallback(limits))
                     continue
-                received = time.monotonic()
                 for (limits, want, fut), r in zip(batch, replies, strict=True):
                     if fut.done():
                         continue
@@ -324,7 +332,7 @@ class RedisLimiter:
                             self._tokens.clear()
                         self._tokens[tuple(lim.bucket for lim in limits)] = _Tokens(
                             int(r[5]) - 1,  # this call takes the first
-                            received + int(r[6]) / 1000 - TOKEN_MARGIN_SECONDS,
+                            sent + int(r[6]) / 1000 - TOKEN_MARGIN_SECONDS,
                             d.remaining,
                             d.reset_ms,
                             limit,
@@ -336,11 +344,11 @@ class RedisLimiter:
     async def _send(self, batch: list[tuple[Sequence[Limit], int, Any]]) -> list[Any]:
         from redis.exceptions import NoScriptError
 
+        self.scripts_sent += len(batch)  # attempted: a Redis that never answers counts too
         if self._sha is None:
             self._sha = await self.client.script_load(WINDOW_LUA)
         for attempt in (0, 1):
             pipe = self.client.pipeline(transaction=False)
-            self.scripts_sent += len(batch)
             for limits, want, _ in batch:
                 # "rw:" (sliding window hashes), never the GCRA strings under "rl:".
                 keys = [f"{self.key_prefix}rw:{lim.bucket}" for lim in limits]

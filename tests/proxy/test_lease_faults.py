@@ -90,8 +90,8 @@ async def test_a_batch_retried_after_its_commit_posts_nothing_twice(
         )
         lease.in_flight -= 1  # posted by hand below instead of through the book
         expires = lease.expires_at_ms
-        first = post_op(lease.id, False, [o], expires, [], maybe_posted=True)
-        again = post_op(lease.id, False, [o], expires, [], maybe_posted=True)
+        first = post_op(lease, [o], expires, [], maybe_posted=True)
+        again = post_op(lease, [o], expires, [], maybe_posted=True)
         assert await tw.rt.writer.submit(first) is True
         assert await tw.rt.writer.submit(again) is True  # found posted: nothing booked
         n = await tw.rt.store.fetchval(

@@ -153,3 +153,51 @@ async def test_a_service_can_have_its_own_limit_per_caller(tollway: InProcess, u
     assert (await tollway.call(sid, "ok", alice))[0] == 200
     st, body, _ = await tollway.api("PATCH", f"/api/v1/services/{sid}", p, json={"rate_limit": 0})
     assert st == 422
+
+
+async def test_a_refused_block_answers_its_waiters_and_redis_silence_falls_back_once(
+    redis_url: str,
+):
+    """Review of the admission blocks: 2,000 calls waiting on one refused refill get its
+    refusal (not 2,000 script runs one after another), and calls waiting on a refill
+    that Redis never answers fall back to the local limiter with the first, instead of
+    each waiting out its own timeout."""
+    import redis.asyncio as aioredis
+
+    from proxy.ratelimit import RedisLimiter
+    from tests.support import services
+
+    prefix = services.redis_prefix_of(redis_url) + "blocks:"
+    limiter = RedisLimiter("redis://127.0.0.1:6379/0", key_prefix=prefix)
+    lim = Limit("key", "k:blocks", 600)
+    try:
+        admitted = 0
+        while (await limiter.check([lim])).allowed:  # spend the quota (blocks of 6)
+            admitted += 1
+            assert admitted <= 600
+        before = limiter.scripts_sent
+        refused = await asyncio.gather(*(limiter.check([lim]) for _ in range(2000)))
+        assert not any(d.allowed for d in refused)
+        assert all(int(d.headers()["Retry-After"]) >= 1 for d in refused)
+        assert limiter.scripts_sent - before <= 20
+    finally:
+        await limiter.close()
+        r = aioredis.from_url("redis://127.0.0.1:6379/0")
+        keys = [k async for k in r.scan_iter(match=prefix + "*")]
+        if keys:
+            await r.delete(*keys)
+        await r.aclose()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # accepts, reads, never answers
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    mute = RedisLimiter(f"redis://127.0.0.1:{port}/0", key_prefix=prefix)
+    try:
+        fallback = await asyncio.gather(*(mute.check([lim]) for _ in range(10)))
+        assert all(d.allowed for d in fallback)  # the local policy: limited, never refused
+        assert mute.scripts_sent == 1  # one attempt; the waiters took its fallback
+    finally:
+        server.close()
+        await asyncio.wait_for(mute.close(), 5)

@@ -91,3 +91,27 @@ async def test_charged_call_receipt_verifies_offline_and_tampering_fails(
     # Without asking, a charged call carries no signature (none is made).
     st, _, plain = await tw.call(sid, "echo/v1/thing?x=1", buyer)
     assert st == 200 and plain["X-ACF-Amount"] == "0.25" and RECEIPT_HEADER not in plain
+
+
+async def test_a_receipt_states_only_a_committed_charge(tollway: InProcess, upstream: Upstream):
+    """Review of issue 12: an upstream's own 499 is not served (nothing charged, no
+    receipt), and a call that asks for a receipt is captured before its headers, so
+    the receipt and the ledger agree even when the body then breaks off."""
+    tw = tollway
+    p = await tw.key("prov", "provider")
+    sid = await tw.service(p, upstream.url, price="0.25")
+    buyer = await tw.key("buyer")
+    await tw.credit("buyer", "1.00")
+    ask = {"Prefer": "receipt"}
+    st, _, h = await tw.call(sid, "status/499", buyer, headers=ask)
+    assert st == 499 and h["X-ACF-Amount"] == "0.00" and RECEIPT_HEADER not in h
+    row = await tw.rt.store.fetchrow(
+        "SELECT amount, outcome FROM usage_records WHERE id = $1", h["X-ACF-Usage-Id"]
+    )
+    assert row is not None and int(row["amount"]) == 0
+    st, _, h = await tw.call(sid, "ok", buyer, headers=ask)
+    assert st == 200 and RECEIPT_HEADER in h
+    row = await tw.rt.store.fetchrow(
+        "SELECT amount FROM usage_records WHERE id = $1", h["X-ACF-Usage-Id"]
+    )
+    assert row is not None and int(row["amount"]) == 250_000  # committed before the headers
