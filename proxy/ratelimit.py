@@ -53,6 +53,8 @@ local slot = math.floor(now / %(slot)d)
 local first = slot - %(slots)d + 1
 local n = tonumber(ARGV[1])
 local want = tonumber(ARGV[n + 2] or '1')
+-- Near the slot's end a block would expire before it is spent: one at a time.
+if (slot + 1) * %(slot)d - now < tonumber(ARGV[n + 3] or '0') then want = 1 end
 local worst_remaining, worst_reset, worst_idx = nil, 0, 1
 for i = 1, n do
   local quota = tonumber(ARGV[1 + i])
@@ -143,6 +145,8 @@ TOKEN_BLOCK = 256
 # Admissions are spent this long before their slot ends on Redis's clock, counted
 # from when the request was sent (clock rate differences over five seconds).
 TOKEN_MARGIN_SECONDS = 0.1
+# Within this much of a slot's end no block is granted (it would die unspent).
+_BLOCK_CUTOFF_MS = 500
 
 
 @dataclass(slots=True)
@@ -359,6 +363,7 @@ class RedisLimiter:
                     len(limits),
                     *(lim.per_minute for lim in limits),
                     want,
+                    _BLOCK_CUTOFF_MS,
                 )
             replies = await pipe.execute(raise_on_error=False)
             if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
