@@ -136,15 +136,19 @@ async def shrink_free(tx: Tx, lease_id: str, size: int, keep: int) -> int:
     )
     if row is None or size <= keep:
         return 0
+    await _free_calls_back(tx, row["buyer_id"], row["service_id"], size - keep)
+    return size - keep
+
+
+async def _free_calls_back(tx: Tx, buyer_id: str, service_id: str, calls: int) -> None:
+    note_wallet_credit()  # free calls back: a remembered refusal may be stale
     await tx.execute(
         "UPDATE free_tier_usage SET used = used - $3"
         " WHERE buyer_id = $1 AND service_id = $2 AND used >= $3",
-        row["buyer_id"],
-        row["service_id"],
-        size - keep,
+        buyer_id,
+        service_id,
+        calls,
     )
-    note_wallet_credit()
-    return size - keep
 
 
 async def already_posted(tx: Tx, usage_id: str) -> bool:
@@ -184,19 +188,22 @@ async def close_balance(tx: Tx, lease_id: str, now: int, *, status: str = "close
 
 async def expire_balance(tx: Tx, now: int, limit: int = 500) -> int:
     """Give back the rest of leases past their expiry: their worker died."""
-    ids = await tx.fetch(
-        "SELECT id FROM holds WHERE status = 'pending' AND kind = 'lease' AND expires_at < $1"
+    ids = await _past_expiry(tx, "holds", " AND kind = 'lease'", now, limit)
+    for lease_id in ids:
+        # The rest is read by the resolving UPDATE itself: a batch that captured
+        # from this lease a moment ago is either in it or refused after it.
+        await close_balance(tx, lease_id, now, status="expired")
+    return len(ids)
+
+
+async def _past_expiry(tx: Tx, table: str, where: str, now: int, limit: int) -> list[str]:
+    rows = await tx.fetch(
+        f"SELECT id FROM {table} WHERE status = 'pending'{where} AND expires_at < $1"
         " ORDER BY expires_at LIMIT $2",
         now,
         limit,
     )
-    count = 0
-    for r in ids:
-        # The rest is read by the resolving UPDATE itself: a batch that captured
-        # from this lease a moment ago is either in it or refused after it.
-        await close_balance(tx, r["id"], now, status="expired")
-        count += 1
-    return count
+    return [r["id"] for r in rows]
 
 
 def _wallet_of(account_id: str, asset: str) -> j.Account:
@@ -297,26 +304,14 @@ async def close_free(tx: Tx, lease_id: str, now: int, *, status: str = "closed")
         return 0
     rest = int(row["rest"])
     if rest > 0:
-        note_wallet_credit()  # free calls back: a remembered refusal may be stale
-        await tx.execute(
-            "UPDATE free_tier_usage SET used = used - $3"
-            " WHERE buyer_id = $1 AND service_id = $2 AND used >= $3",
-            row["buyer_id"],
-            row["service_id"],
-            rest,
-        )
+        await _free_calls_back(tx, row["buyer_id"], row["service_id"], rest)
     return rest
 
 
 async def expire_free(tx: Tx, now: int, limit: int = 500) -> int:
-    ids = await tx.fetch(
-        "SELECT id FROM free_tier_leases WHERE status = 'pending' AND expires_at < $1"
-        " ORDER BY expires_at LIMIT $2",
-        now,
-        limit,
-    )
-    for r in ids:
-        await close_free(tx, r["id"], now, status="expired")
+    ids = await _past_expiry(tx, "free_tier_leases", "", now, limit)
+    for lease_id in ids:
+        await close_free(tx, lease_id, now, status="expired")
     return len(ids)
 
 

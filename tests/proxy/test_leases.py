@@ -18,7 +18,7 @@ from prometheus_client import REGISTRY
 from ledger import journal as j
 from ledger.db import open_store
 from tests.proxy.test_metering import _priced, ledger_verify
-from tests.support.tollway import InProcess, start_inprocess, start_processes
+from tests.support.tollway import InProcess, free_port, start_inprocess, start_processes
 from tests.support.upstream import Upstream
 
 PRICE_UNITS = 10_000  # 0.01 USDC
@@ -215,8 +215,6 @@ async def test_failed_upstreams_under_a_lease_charge_nothing(
 ):
     """500, 503, a timeout and an unreachable upstream, each admitted from a lease:
     nothing is charged, the lease gets the money back, and so does the wallet."""
-    import socket
-
     tw = await start_inprocess(
         db_url,
         None,
@@ -227,10 +225,7 @@ async def test_failed_upstreams_under_a_lease_charge_nothing(
         lease_idle_seconds=0.5,
     )
     try:
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        dead = s.getsockname()[1]
-        s.close()
+        dead = free_port()  # nothing listens there
         p = await tw.key("prov", "provider")
         live = await tw.service(p, upstream.url, price="0.25")
         gone = await tw.service(p, f"http://127.0.0.1:{dead}", price="0.25")
