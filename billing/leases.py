@@ -29,7 +29,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
 
 from billing.lease_model import Lease, LeasePolicy
 from billing.lease_posting import Hook, post_op, renew_op
@@ -193,9 +192,6 @@ class LeaseBook(LeaseUpkeep):
             calls=calls,
         )
 
-    def lease_of(self, lease_id: str) -> Lease | None:
-        return self._by_id.get(lease_id)
-
     def finish(self, lease: Lease, o: ops.Outcome) -> int:
         """A leased call ended: queue its record for the next batch. Returns the charge."""
         lease.in_flight -= 1
@@ -311,10 +307,3 @@ class LeaseBook(LeaseUpkeep):
             group.remove(lease)
             if not group:
                 del self._leases[k]
-
-    def outstanding(self) -> dict[str, Any]:
-        return {
-            "leases": len(self._by_id),
-            "in_flight": sum(x.in_flight for x in self._by_id.values()),
-            "unposted": sum(len(x.unposted) for x in self._by_id.values()),
-        }
