@@ -12,7 +12,7 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -260,27 +260,31 @@ async def build_runtime(settings: Settings, store: Store | None = None) -> Runti
 
 
 async def sweep_expired_holds(rt: Runtime, interval: float = 10.0) -> None:
-    """Void holds whose call never finished; runs at start and then periodically."""
+    """Void holds whose call never finished, give back the leases of workers that
+    stopped, drop stale sign-in challenges; at start and then periodically."""
     while True:
-        try:
-            n = await rt.meter.expire_holds(now_ms())
-            if n:
-                metrics.HOLDS_EXPIRED.inc(n)
-                log.warning("voided %d expired hold(s)", n)
-        except Exception:
-            log.exception("expired-hold sweep failed")
-        try:
-            n = await rt.meter.expire_leases(now_ms())
-            if n:
-                metrics.LEASES_EXPIRED.inc(n)
-                log.warning("gave back %d expired lease(s) of a worker that stopped", n)
-        except Exception:
-            log.exception("expired-lease sweep failed")
-        try:
-            await rt.writer.submit(lambda tx: expire_challenges(tx, now_ms()))
-        except Exception:
-            log.exception("expired-challenge sweep failed")
+        n = await _sweep("expired-hold", lambda: rt.meter.expire_holds(now_ms()))
+        if n:
+            metrics.HOLDS_EXPIRED.inc(n)
+            log.warning("voided %d expired hold(s)", n)
+        n = await _sweep("expired-lease", lambda: rt.meter.expire_leases(now_ms()))
+        if n:
+            metrics.LEASES_EXPIRED.inc(n)
+            log.warning("gave back %d expired lease(s) of a worker that stopped", n)
+        await _sweep(
+            "expired-challenge",
+            lambda: rt.writer.submit(lambda tx: expire_challenges(tx, now_ms())),
+        )
         await asyncio.sleep(interval)
+
+
+async def _sweep(what: str, run: Callable[[], Awaitable[Any]]) -> Any:
+    """One sweep; a failure is logged and the next round tries again."""
+    try:
+        return await run()
+    except Exception:
+        log.exception("%s sweep failed", what)
+        return 0
 
 
 async def close_runtime(rt: Runtime) -> None:
